@@ -1,0 +1,219 @@
+"""The two MetaMask losses as functions: Barlow Twins redundancy reduction and SimCLR's NT-Xent.
+
+Both take a ``backend``: ``"auto"`` (the default; the environment variable ``METAMASK_FAST_BACKEND``
+replaces it when set), ``"torch"`` (the plain-PyTorch path below, which is also the test oracle) or
+``"triton"`` (the fused kernels of :mod:`metamask_fast.kernels`). ``"auto"`` never fails because a fast
+path is missing; an explicitly requested backend that cannot run raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["barlow_twins_loss", "nt_xent_loss"]
+
+_BACKENDS = ("auto", "torch", "triton")
+_NORMALIZATIONS = ("std", "bn")
+
+# Rows of C = ẑ_aᵀ ẑ_b held at once by the tiled path: memory stays at TILE_ROWS × D, never D × D.
+C_TILE_ROWS = 128
+
+
+def _resolve_backend(backend: str) -> str:
+    """The backend a call runs on. Only ``"torch"`` exists in this build; see the module docstring."""
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("METAMASK_FAST_BACKEND", "auto")
+        if env not in _BACKENDS:
+            raise ValueError(f"METAMASK_FAST_BACKEND must be one of {_BACKENDS}, got {env!r}")
+        backend = env
+    if backend == "triton":
+        raise RuntimeError(
+            "backend='triton': the fused Triton loss kernels are not part of this build yet; "
+            "use backend='torch' or 'auto'"
+        )
+    return "torch"
+
+
+def _check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+    for name, z in (("z_a", z_a), ("z_b", z_b)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {z.dtype}")
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    if z_a.device != z_b.device:
+        raise ValueError(f"z_a and z_b must be on the same device, got {z_a.device} and {z_b.device}")
+    if z_a.dtype != z_b.dtype:
+        raise TypeError(f"z_a and z_b must have the same dtype, got {z_a.dtype} and {z_b.dtype}")
+    n, d = z_a.shape
+    if n < 2:
+        raise ValueError(f"z_a: the batch needs at least 2 samples, got {n}")
+    if d < 1:
+        raise ValueError("z_a: the embedding dimension must be at least 1, got 0")
+
+
+def _check_weight(weight: torch.Tensor | None, z: torch.Tensor) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight.shape != (z.shape[1],):
+        raise ValueError(f"weight must have shape ({z.shape[1]},), got {tuple(weight.shape)}")
+    if weight.device != z.device:
+        raise ValueError(f"weight must be on the device of z_a ({z.device}), got {weight.device}")
+    if weight.dtype != z.dtype:
+        raise TypeError(f"weight must have the dtype of z_a ({z.dtype}), got {weight.dtype}")
+
+
+def _check_finite(**tensors: torch.Tensor | None) -> None:
+    # Skipped while tracing: a data-dependent check would break the graph.
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+
+
+def _check_number(name: str, value: float, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def standardize(z: torch.Tensor, normalize: str = "std", eps: float = 1e-5) -> torch.Tensor:
+    """Standardise every column of ``z`` over the batch.
+
+    ``"std"`` (the authors' form): ``(z - mean) / std`` with the unbiased std and no eps.
+    ``"bn"`` (official Barlow Twins, ``BatchNorm1d(affine=False)`` in training mode):
+    ``(z - mean) / sqrt(var + eps)`` with the biased variance.
+    """
+    centred = z - z.mean(dim=0)
+    if normalize == "std":
+        return centred / z.std(dim=0)
+    return centred / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+
+
+class _SquaredCrossCorrelationNorm(torch.autograd.Function):
+    """``F(a, b) = ‖aᵀb‖²_F`` for ``a, b`` of shape (N, D), without a D × D tensor.
+
+    Gram path (N < D): ``F = ⟨a aᵀ, b bᵀ⟩`` in O(N²D); gradients ``∂F/∂a = 2 (b bᵀ) a`` and
+    ``∂F/∂b = 2 (a aᵀ) b``.
+    Tiled C path (N ≥ D): for row blocks ``T_j = a[:, j]ᵀ b`` of ``aᵀb``, ``F = Σ_j ‖T_j‖²``; the backward
+    recomputes each tile: ``∂F/∂a[:, j] = 2 b T_jᵀ`` and ``∂F/∂b = 2 Σ_j a[:, j] T_j``.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        n, d = a.shape
+        if n < d:
+            gram_a, gram_b = a @ a.T, b @ b.T
+            ctx.save_for_backward(a, b, gram_a, gram_b)
+            return torch.sum(gram_a * gram_b)
+        ctx.save_for_backward(a, b)
+        total = a.new_zeros(())
+        for start in range(0, d, C_TILE_ROWS):
+            total = total + torch.sum(torch.square(a[:, start : start + C_TILE_ROWS].T @ b))
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        scale = 2 * grad_out
+        if len(ctx.saved_tensors) == 4:
+            a, b, gram_a, gram_b = ctx.saved_tensors
+            return scale * (gram_b @ a), scale * (gram_a @ b)
+        a, b = ctx.saved_tensors
+        grad_a = torch.empty_like(a)
+        grad_b = torch.zeros_like(b)
+        for start in range(0, a.shape[1], C_TILE_ROWS):
+            a_tile = a[:, start : start + C_TILE_ROWS]
+            tile = a_tile.T @ b
+            grad_a[:, start : start + C_TILE_ROWS] = b @ tile.T
+            grad_b.addmm_(a_tile, tile)
+        return scale * grad_a, scale * grad_b
+
+
+def barlow_twins_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    lambd: float = 5e-3,
+    *,
+    weight: torch.Tensor | None = None,
+    normalize: str = "std",
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Barlow Twins redundancy-reduction loss.
+
+    With ``ẑ`` the column-standardised embeddings (see :func:`standardize`), ``w`` the optional
+    per-dimension ``weight`` and ``C = diag(w) ẑ_aᵀ ẑ_b diag(w) / N``::
+
+        L = Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²
+          = Σ_i (1 - C_ii)² + λ (‖C‖²_F - Σ_i C_ii²)
+
+    ``C_ii`` costs O(ND) and ``‖C‖²_F`` is computed by the Gram path (N < D) or the tiled C path (N ≥ D),
+    so no D × D tensor is ever built. Returns a scalar tensor.
+    """
+    _resolve_backend(backend)
+    _check_embeddings(z_a, z_b)
+    _check_weight(weight, z_a)
+    _check_number("lambd", lambd, positive=False)
+    if not isinstance(normalize, str) or normalize not in _NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
+    _check_number("eps", eps, positive=True)
+    _check_finite(z_a=z_a, z_b=z_b, weight=weight)
+
+    n = z_a.shape[0]
+    a = standardize(z_a, normalize, eps)
+    b = standardize(z_b, normalize, eps)
+    if weight is not None:
+        a, b = a * weight, b * weight
+    diagonal = torch.sum(a * b, dim=0) / n
+    frobenius = _SquaredCrossCorrelationNorm.apply(a, b) / (n * n)
+    off_diagonal = frobenius - torch.sum(torch.square(diagonal))
+    return torch.sum(torch.square(1 - diagonal)) + lambd * off_diagonal
+
+
+def nt_xent_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float = 0.07,
+    *,
+    weight: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SimCLR's NT-Xent loss over the 2N samples of two views.
+
+    Rows (times the optional per-dimension ``weight``) are L2-normalised to ``u``; for anchor ``i`` the
+    other 2N - 1 samples are candidates and its other view ``p(i)`` is the positive::
+
+        L = 1/(2N) Σ_i -log( exp(u_i·u_p(i)/τ) / Σ_{k≠i} exp(u_i·u_k/τ) )
+
+    which equals the authors' ``½[CE([z0z1ᵀ, z0z0ᵀ - ∞I]/τ) + CE([z1z0ᵀ, z1z1ᵀ - ∞I]/τ)]``. Returns a scalar.
+    """
+    _resolve_backend(backend)
+    _check_embeddings(z_a, z_b)
+    _check_weight(weight, z_a)
+    _check_number("temperature", temperature, positive=True)
+    _check_finite(z_a=z_a, z_b=z_b, weight=weight)
+
+    n = z_a.shape[0]
+    z = torch.cat([z_a, z_b])
+    if weight is not None:
+        z = z * weight
+    u = F.normalize(z, dim=1)
+    logits = (u @ u.T) / temperature
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, positives)

@@ -1,0 +1,235 @@
+"""The MetaMask training step: a regular step on the network, then a meta-gradient step on the mask.
+
+``MetaMaskStep.step(x0, x1)`` runs SPEC §1 in its faithful order. With θ the network weights, ``M`` the
+mask, ``L = L_bt + w_cl · L_cl`` and η, μ, wd the network optimizer's lr, momentum and weight decay:
+
+1. ``θ_{t+1} = SGD(θ_t, ∇_θ L(θ_t, M))``; the mask gets no gradient from ``L``.
+2. ``g = ∇_θ L_cl(θ_{t+1}, M)``; virtual weights ``θ' = θ_{t+1} - η · (μ · buf + g + wd · θ_{t+1})``
+   (the update SGD would make, without touching its momentum buffers; weights with no ``L_cl`` gradient,
+   the Barlow Twins head, keep ``θ' = θ_{t+1}``).
+3. Direct term ``∂_m L_cl(θ', M)`` and ``v = ∇_θ' L_cl(θ', M)``.
+4. ``second_order="finite_difference"``: ``R = r / ‖v‖``,
+   ``HVP ≈ (∂_m L_cl(θ_{t+1} + R v, M) - ∂_m L_cl(θ_{t+1} - R v, M)) / 2R`` and the mask gradient is
+   ``direct - η · HVP``. ``second_order="none"`` (first order) uses the direct term alone.
+5. The mask optimizer steps with that gradient.
+
+The virtual weights are evaluated with :func:`torch.func.functional_call` on the model's own modules (no
+second model copy). Those evaluations run on scratch copies of the BatchNorm buffers, so the running
+statistics of the real model see exactly the forwards of the authors' code: the regular step's and step 2's.
+(One exception, with no effect on any output: the authors also run the Barlow Twins head in step 2, which
+moves that head's running statistics once more; here the head is skipped there.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call
+
+from metamask_fast import ops
+from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
+
+__all__ = ["MetaMaskStep"]
+
+_SECOND_ORDER = ("finite_difference", "none")
+
+
+def _sub_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Entries of ``tensors`` under module ``prefix``, renamed relative to it."""
+    start = len(prefix) + 1
+    return {name[start:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
+
+
+def _check_finite_number(name: str, value: float, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
+
+
+class MetaMaskStep:
+    """One MetaMask training step per call; see the module docstring for the math.
+
+    ``model``: a :class:`~metamask_fast.models.MetaMaskModel`. ``net_optimizer``: a ``torch.optim.SGD``
+    over the network weights (every trainable parameter but ``model.mask.logits``); its lr, momentum,
+    dampening, weight decay and nesterov flag define the virtual step, and η of the second-order term is
+    the lr of its first parameter group. ``mask_optimizer``: any optimizer over ``model.mask.logits``.
+    """
+
+    def __init__(
+        self,
+        model,
+        net_optimizer: torch.optim.Optimizer,
+        mask_optimizer: torch.optim.Optimizer,
+        *,
+        weight_cl: float = 10.0,
+        lambd: float = 5e-3,
+        temperature: float = 0.07,
+        second_order: str = "finite_difference",
+        fd_radius: float = 1e-2,
+    ):
+        for attr in ("backbone", "bt_head", "cl_head", "mask"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model must be a MetaMaskModel (with .{attr}), got {type(model).__name__}")
+        if not isinstance(net_optimizer, torch.optim.SGD):
+            raise TypeError(
+                "net_optimizer must be a torch.optim.SGD: the virtual step of MetaMask is an SGD step, "
+                f"got {type(net_optimizer).__name__}"
+            )
+        if not isinstance(mask_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"mask_optimizer must be a torch.optim.Optimizer, got {type(mask_optimizer).__name__}")
+        if not isinstance(second_order, str) or second_order not in _SECOND_ORDER:
+            raise ValueError(f"second_order must be one of {_SECOND_ORDER}, got {second_order!r}")
+        _check_finite_number("weight_cl", weight_cl, positive=False)
+        _check_finite_number("lambd", lambd, positive=False)
+        _check_finite_number("temperature", temperature, positive=True)
+        _check_finite_number("fd_radius", fd_radius, positive=True)
+
+        mask = model.mask.logits
+        names = {p: name for name, p in model.named_parameters()}
+        self._groups = []
+        for group in net_optimizer.param_groups:
+            if group.get("maximize", False):
+                raise ValueError("net_optimizer: maximize=True is not supported by the virtual step")
+            for p in group["params"]:
+                if p is mask:
+                    raise ValueError("net_optimizer must not hold model.mask.logits: the mask has its own optimizer")
+                if p not in names:
+                    raise ValueError("net_optimizer holds a tensor that is not a parameter of model")
+            self._groups.append((group, [names[p] for p in group["params"]]))
+        if not any(p is mask for g in mask_optimizer.param_groups for p in g["params"]):
+            raise ValueError("mask_optimizer must hold model.mask.logits")
+
+        self.model = model
+        self.net_optimizer = net_optimizer
+        self.mask_optimizer = mask_optimizer
+        self.weight_cl = float(weight_cl)
+        self.lambd = float(lambd)
+        self.temperature = float(temperature)
+        self.second_order = second_order
+        self.fd_radius = float(fd_radius)
+        self._params = [p for group, _ in self._groups for p in group["params"]]
+        self._names = [name for _, group_names in self._groups for name in group_names]
+
+    def _check_views(self, x0: torch.Tensor, x1: torch.Tensor) -> None:
+        device = self.model.mask.logits.device
+        for name, x in (("x0", x0), ("x1", x1)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() < 1 or x.shape[0] < 2:
+                raise ValueError(f"{name} must be a batch of at least 2 samples, got shape {tuple(x.shape)}")
+            if x.device != device:
+                raise ValueError(f"{name} is on {x.device} but the model is on {device}")
+        if x0.shape != x1.shape:
+            raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+
+    def _contrastive_loss_at(self, weights, buffers, x0, x1, *, backbone_grad: bool) -> torch.Tensor:
+        """``L_cl(weights, M)`` through the backbone and the contrastive head only."""
+        model = self.model
+        backbone_state = {**_sub_dict("backbone", weights), **_sub_dict("backbone", buffers)}
+        head_state = {**_sub_dict("cl_head", weights), **_sub_dict("cl_head", buffers)}
+        mask = model.mask()
+        z = []
+        for x in (x0, x1):
+            with torch.set_grad_enabled(backbone_grad):
+                features = functional_call(model.backbone, backbone_state, (x,), strict=False).flatten(1)
+            z.append(functional_call(model.cl_head, head_state, (features * mask,), strict=False))
+        return nt_xent_loss(z[0], z[1], self.temperature)
+
+    def _virtual_weights(self, grads) -> dict[str, torch.Tensor]:
+        """θ' of step 2 for every weight with a gradient, as leaves that require grad."""
+        state = self.net_optimizer.state
+        virtual = {}
+        start = 0
+        for group, names in self._groups:
+            params = group["params"]
+            group_grads = grads[start : start + len(params)]
+            start += len(params)
+            updated = ops.virtual_sgd_step(
+                params,
+                group_grads,
+                [state[p].get("momentum_buffer") for p in params],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+            )
+            for name, g, w in zip(names, group_grads, updated):
+                if g is not None:
+                    virtual[name] = w.detach().requires_grad_()
+        return virtual
+
+    def _finite_difference_hvp(self, v: dict[str, torch.Tensor], buffers, x0, x1) -> torch.Tensor:
+        """``(∂_m L_cl(θ + R v) - ∂_m L_cl(θ - R v)) / 2R`` with ``R = r / ‖v‖`` around the current θ."""
+        params = dict(self.model.named_parameters())
+        names = list(v)
+        directions = [v[name] for name in names]
+        radius = self.fd_radius / float(ops.global_norm(directions))
+        perturbed = [params[name].detach().clone() for name in names]
+        mask = self.model.mask.logits
+
+        ops.add_scaled_(perturbed, directions, radius)
+        loss_plus = self._contrastive_loss_at(dict(zip(names, perturbed)), buffers, x0, x1, backbone_grad=False)
+        (grad_plus,) = torch.autograd.grad(loss_plus, [mask])
+        ops.add_scaled_(perturbed, directions, -2 * radius)
+        loss_minus = self._contrastive_loss_at(dict(zip(names, perturbed)), buffers, x0, x1, backbone_grad=False)
+        (grad_minus,) = torch.autograd.grad(loss_minus, [mask])
+        return (grad_plus - grad_minus) / (2 * radius)
+
+    def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
+        """One training step on the two views ``x0``, ``x1`` of a batch.
+
+        Returns python floats: ``loss``, ``loss_bt``, ``loss_cl`` (at θ_t), ``loss_cl_virtual`` (L_cl at θ')
+        and ``mask_grad_norm`` (the norm of the gradient the mask optimizer stepped with).
+        """
+        self._check_views(x0, x1)
+        model, params = self.model, self._params
+        mask = model.mask.logits
+        model.train()
+
+        # 1. Regular step on θ only: the mask's gradient from L is never formed.
+        z0_bt, z0_cl = model(x0)
+        z1_bt, z1_cl = model(x1)
+        loss_bt = barlow_twins_loss(z0_bt, z1_bt, self.lambd)
+        loss_cl = nt_xent_loss(z0_cl, z1_cl, self.temperature)
+        loss = loss_bt + self.weight_cl * loss_cl
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.net_optimizer.step()
+        self.net_optimizer.zero_grad(set_to_none=True)
+
+        # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics move, as the
+        #    authors' do), then the virtual SGD step.
+        z0 = model.cl_head(model.features(x0))
+        z1 = model.cl_head(model.features(x1))
+        grads = torch.autograd.grad(nt_xent_loss(z0, z1, self.temperature), params, allow_unused=True)
+        virtual = self._virtual_weights(grads)
+
+        # 3. Direct mask gradient and v at θ', on scratch BatchNorm buffers.
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        loss_virtual = self._contrastive_loss_at(virtual, buffers, x0, x1, backbone_grad=True)
+        names = list(virtual)
+        direct, *v = torch.autograd.grad(loss_virtual, [mask] + [virtual[n] for n in names], allow_unused=True)
+        mask_grad = direct
+
+        # 4. Second-order term by central finite differences around θ_{t+1}.
+        if self.second_order == "finite_difference":
+            directions = {n: g for n, g in zip(names, v) if g is not None}
+            if directions:
+                eta = self.net_optimizer.param_groups[0]["lr"]
+                mask_grad = direct - eta * self._finite_difference_hvp(directions, buffers, x0, x1)
+
+        # 5. Meta step on the mask.
+        mask.grad = mask_grad
+        self.mask_optimizer.step()
+        self.mask_optimizer.zero_grad(set_to_none=True)
+
+        values = torch.stack(
+            [loss.detach(), loss_bt.detach(), loss_cl.detach(), loss_virtual.detach(), mask_grad.norm()]
+        ).tolist()
+        return dict(zip(("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm"), values))

@@ -1,0 +1,149 @@
+"""MetaMaskStep against the authors-style step of bench/baselines, in float64, and its contract."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.authors_style import AuthorsStyleMetaMaskStep
+from metamask_fast.meta import MetaMaskStep
+from metamask_fast.models import MetaMaskModel
+
+
+def tiny_model(seed):
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 7, 3, stride=2), nn.BatchNorm2d(7), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    return MetaMaskModel(backbone, 7, bt_dims=(13, 13, 17), cl_dims=(12, 9)).double()
+
+
+def optimizers(model, lr=1e-2, mask_lr=1e-2, momentum=0.9):
+    network = [p for name, p in model.named_parameters() if not name.startswith("mask.")]
+    net = torch.optim.SGD(network, lr=lr, momentum=momentum, weight_decay=5e-4)
+    mask = torch.optim.SGD([model.mask.logits], lr=mask_lr, momentum=0.9, weight_decay=5e-4)
+    return net, mask
+
+
+def batches(seed, steps=3, n=11):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64),
+             torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)) for _ in range(steps)]
+
+
+def relative_differences(model_a, model_b):
+    """Per tensor ‖a - b‖ / ‖b‖, with ‖all network weights‖ as the scale where a tensor is near zero."""
+    params_b = dict(model_b.named_parameters())
+    total = torch.cat([p.detach().flatten() for n, p in params_b.items() if not n.startswith("mask.")]).norm()
+    out = {}
+    for name, a in model_a.named_parameters():
+        b = params_b[name].detach()
+        scale = b.norm() if name.startswith("mask.") or b.norm() > 1e-6 * total else total
+        out[name] = float((a.detach() - b).norm() / scale)
+    return out
+
+
+def run_both(second_order, seed, momentum=0.9):
+    ours = tiny_model(seed)
+    theirs = copy.deepcopy(ours)
+    step = MetaMaskStep(ours, *optimizers(ours, momentum=momentum), second_order=second_order)
+    baseline = AuthorsStyleMetaMaskStep(theirs, *optimizers(theirs, momentum=momentum),
+                                        second_order=second_order == "finite_difference")
+    for x0, x1 in batches(seed + 1):
+        got, want = step.step(x0, x1), baseline.step(x0, x1)
+        for key in ("loss", "loss_bt", "loss_cl"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("second_order", ["finite_difference", "none"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step_equals_authors_style_step_in_float64(second_order, seed):
+    ours, theirs = run_both(second_order, seed)
+    diffs = relative_differences(ours, theirs)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= 1e-9, (worst, diffs[worst])
+    assert diffs["mask.logits"] <= 1e-9
+    # BatchNorm running statistics of the parts the kNN monitor and the contrastive head read.
+    buffers_b = dict(theirs.named_buffers())
+    for name, a in ours.named_buffers():
+        if name.startswith(("backbone.", "cl_head.")):
+            torch.testing.assert_close(a, buffers_b[name], rtol=1e-9, atol=1e-12)
+
+
+def test_without_momentum_buffer_equals_authors_style_step():
+    ours, theirs = run_both("finite_difference", seed=3, momentum=0.0)
+    assert max(relative_differences(ours, theirs).values()) <= 1e-9
+
+
+def test_second_order_term_changes_the_mask_measurably():
+    # The comparison above is only meaningful if the finite-difference term is far above its tolerance.
+    first, _ = run_both("none", seed=0)
+    second, _ = run_both("finite_difference", seed=0)
+    m1, m2 = first.mask.logits.detach(), second.mask.logits.detach()
+    assert float((m1 - m2).norm() / m2.norm()) > 1e-6
+
+
+def test_mask_gets_no_gradient_from_the_main_loss():
+    model = tiny_model(5)
+    net_opt, mask_opt = optimizers(model)
+    step = MetaMaskStep(model, net_opt, mask_opt)
+    mask_before = model.mask.logits.detach().clone()
+    seen = {}
+    net_step, mask_step = net_opt.step, mask_opt.step
+
+    def spy_net_step(*args, **kwargs):
+        seen["mask_grad_at_net_step"] = model.mask.logits.grad
+        result = net_step(*args, **kwargs)
+        seen["mask_after_net_step"] = model.mask.logits.detach().clone()
+        return result
+
+    def spy_mask_step(*args, **kwargs):
+        seen.setdefault("mask_steps", []).append(model.mask.logits.grad.clone())
+        return mask_step(*args, **kwargs)
+
+    net_opt.step, mask_opt.step = spy_net_step, spy_mask_step
+    (x0, x1), = batches(6, steps=1)
+    step.step(x0, x1)
+    assert seen["mask_grad_at_net_step"] is None
+    assert torch.equal(seen["mask_after_net_step"], mask_before)
+    assert len(seen["mask_steps"]) == 1 and seen["mask_steps"][0].abs().sum() > 0
+    assert not torch.equal(model.mask.logits.detach(), mask_before)
+
+
+def test_step_returns_finite_floats():
+    model = tiny_model(2)
+    (x0, x1), = batches(2, steps=1)
+    out = MetaMaskStep(model, *optimizers(model)).step(x0, x1)
+    assert {"loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm"} <= set(out)
+    assert all(isinstance(v, float) and v == v for v in out.values())
+    assert out["loss"] == pytest.approx(out["loss_bt"] + 10.0 * out["loss_cl"])
+
+
+def test_bad_arguments_name_themselves():
+    model = tiny_model(0)
+    net_opt, mask_opt = optimizers(model)
+    with pytest.raises(TypeError, match="model"):
+        MetaMaskStep(nn.Linear(2, 2), net_opt, mask_opt)
+    with pytest.raises(TypeError, match="net_optimizer"):
+        MetaMaskStep(model, torch.optim.Adam(net_opt.param_groups[0]["params"]), mask_opt)
+    with pytest.raises(ValueError, match="net_optimizer"):
+        MetaMaskStep(model, torch.optim.SGD(model.parameters(), lr=0.1), mask_opt)
+    with pytest.raises(ValueError, match="mask_optimizer"):
+        MetaMaskStep(model, net_opt, torch.optim.SGD(model.bt_head.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="second_order"):
+        MetaMaskStep(model, net_opt, mask_opt, second_order="exactly")
+    for name in ("fd_radius", "temperature"):
+        with pytest.raises(ValueError, match=name):
+            MetaMaskStep(model, net_opt, mask_opt, **{name: 0.0})
+    step = MetaMaskStep(model, net_opt, mask_opt)
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x0 and x1"):
+        step.step(x, x[:3])
+    with pytest.raises(ValueError, match="x0"):
+        step.step(x[:1], x[:1])
+    with pytest.raises(TypeError, match="x1"):
+        step.step(x, x.numpy())
