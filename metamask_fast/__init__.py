@@ -6,3 +6,6 @@ ops with PyTorch fallbacks) and :mod:`metamask_fast.train` (``python -m metamask
 """
 
 __version__ = "0.1.0"
+
+# torch first: the compiled extension metamask_fast._C links against torch's shared libraries.
+import torch  # noqa: E402,F401

@@ -1,0 +1,28 @@
+// The schemas of every compiled op of metamask_fast, and the Python module that loads them.
+//
+// Each op is declared here exactly once; its kernels register per backend with TORCH_LIBRARY_IMPL in
+// their own files (global_norm_cpu.cpp, cuda/global_norm_cuda.cu). Python-side wrappers, fake (meta)
+// kernels and autograd formulas live in metamask_fast/ops.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing metamask_fast._C only has to run the static registrations of this shared object, so the
+// Python module itself is empty. Plain CPython API (no pybind11) keeps the extension small.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // m_name
+      "Compiled ops of metamask_fast; use them through torch.ops.metamask_fast or metamask_fast.ops.",
+      -1,  // m_size: no per-module state
+      nullptr,  // m_methods
+  };
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(metamask_fast, m) {
+  // sqrt(sum of squares) over all elements of all tensors: a 0-d tensor of the inputs' dtype and device.
+  m.def("global_norm(Tensor[] tensors) -> Tensor");
+  // Later ops are declared here in the same way: add_scaled_ (x += alpha * y over two lists, in place)
+  // and virtual_sgd_step (the look-ahead SGD update of SPEC §1 step 2).
+}
