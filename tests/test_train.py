@@ -1,0 +1,214 @@
+"""``python -m metamask_fast.train``: the run folder, the three methods and the command-line contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metamask_fast import train as train_module
+from metamask_fast.backbones import DigitsConvNet
+from metamask_fast.models import DimensionalMask
+from metamask_fast.train import build_model, build_parser, main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "backbone.pt", "mask.pt")
+SUMMARY_KEYS = ("knn_top1", "knn_top1_raw_pixels", "knn_top1_random_init", "epochs", "seconds", "method")
+
+
+def run_in_process(tmp_path: Path, *arguments: str) -> tuple[Path, dict]:
+    output_dir = tmp_path / "run"
+    assert main(["--output-dir", str(output_dir), "--no-progress", *arguments]) == 0
+    return output_dir, json.loads((output_dir / "summary.json").read_text())
+
+
+def test_default_run_writes_a_complete_run_folder(tmp_path, capsys):
+    output_dir, summary = run_in_process(tmp_path, "--epochs", "1")
+    assert sorted(p.name for p in output_dir.iterdir()) == sorted(RUN_FILES)
+
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+    assert summary["method"] == "metamask" and summary["epochs"] == 1 and summary["seconds"] > 0
+    for key in ("knn_top1", "knn_top1_raw_pixels", "knn_top1_random_init"):
+        assert 0.1 < summary[key] <= 1.0, (key, summary[key])
+    # Raw pixels do not depend on the network: a fixed number of this fixed split.
+    assert summary["knn_top1_raw_pixels"] > 0.95
+
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["method"] == "metamask" and config["epochs"] == 1 and config["output_dir"] == str(output_dir)
+    assert config["batch_size"] == train_module.TrainConfig.batch_size
+
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1
+    steps_per_epoch = 1437 // config["batch_size"]
+    assert records[0]["epoch"] == 1 and records[0]["step"] == steps_per_epoch
+    for key in ("loss", "loss_bt", "loss_cl", "lr", "mask_lr", "mask_mean", "mask_min", "mask_max", "seconds"):
+        assert math.isfinite(records[0][key]), key
+    assert records[0]["lr"] == config["lr"]
+    # The meta-gradient moved the mask away from its initial 0.5 everywhere-value.
+    assert records[0]["mask_min"] < 0.5 < records[0]["mask_max"]
+
+    checkpoint = torch.load(output_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["method"] == "metamask"
+    assert checkpoint["net_optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert checkpoint["mask_optimizer"] is not None
+    model = build_model("metamask")
+    model.load_state_dict(checkpoint["model"])
+
+    backbone = DigitsConvNet()
+    backbone.load_state_dict(torch.load(output_dir / "backbone.pt", weights_only=True))
+    mask = DimensionalMask(backbone.feature_dim)
+    mask.load_state_dict(torch.load(output_dir / "mask.pt", weights_only=True))
+    assert torch.equal(mask.logits, model.mask.logits)
+    images = torch.rand(5, 1, 16, 16)
+    model.eval(), backbone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images) * mask(), model.features(images))
+
+    printed = capsys.readouterr().out
+    assert "raw pixels" in printed and "random init" in printed and str(output_dir) in printed
+
+
+@pytest.mark.parametrize("method", ["barlowtwins", "simclr"])
+def test_single_loss_methods_keep_the_mask_at_identity(tmp_path, method):
+    output_dir, summary = run_in_process(tmp_path, "--method", method, "--epochs", "1", "--batch-size", "256")
+    assert summary["method"] == method and summary["mask_min"] == summary["mask_max"] == 1.0
+    mask = torch.load(output_dir / "mask.pt", weights_only=True)
+    assert torch.equal(mask["logits"], torch.ones(64))
+    checkpoint = torch.load(output_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["mask_optimizer"] is None
+    record = json.loads((output_dir / "metrics.jsonl").read_text())
+    assert record["step"] == 1437 // 256
+    assert math.isfinite(record["loss_bt"]) and math.isfinite(record["loss_cl"])
+    trained = "loss_bt" if method == "barlowtwins" else "loss_cl"
+    assert record["loss"] == record[trained]
+
+
+def test_first_order_metamask_and_flags_are_honoured(tmp_path):
+    output_dir, summary = run_in_process(tmp_path, "--second-order", "none", "--epochs", "2", "--batch-size",
+                                         "512", "--lr", "0.01", "--mask-lr", "0.2", "--seed", "3")
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["second_order"], config["batch_size"], config["lr"], config["mask_lr"], config["seed"]) == (
+        "none", 512, 0.01, 0.2, 3)
+    assert config["device"] == "cpu" or torch.cuda.is_available()
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    # Cosine schedule per epoch: epoch 2 of 2 runs at half the initial rate.
+    assert [r["lr"] for r in records] == pytest.approx([0.01, 0.005])
+    assert [r["mask_lr"] for r in records] == pytest.approx([0.2, 0.1])
+    assert summary["epochs"] == 2
+
+
+def test_divergence_ends_with_one_line_and_exit_code_1(tmp_path, capsys):
+    arguments = ["--method", "simclr", "--lr", "1e8", "--epochs", "2", "--batch-size", "512", "--no-progress"]
+    assert main(["--output-dir", str(tmp_path / "run"), *arguments]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--lr" in error and "non-finite" in error
+
+
+def test_existing_non_empty_output_dir_is_refused_untouched(tmp_path, capsys):
+    output_dir = tmp_path / "precious"
+    output_dir.mkdir()
+    (output_dir / "results.txt").write_text("do not lose me")
+    assert main(["--epochs", "1", "--output-dir", str(output_dir)]) == 2
+    assert [p.name for p in output_dir.iterdir()] == ["results.txt"]
+    assert (output_dir / "results.txt").read_text() == "do not lose me"
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--output-dir" in error
+
+
+def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module.time, "strftime", lambda _format: "20240101-000000")
+    taken = tmp_path / "runs" / "20240101-000000"
+    taken.mkdir(parents=True)
+    (taken / "summary.json").write_text("{}")
+    parser = build_parser()
+    first = train_module._create_output_dir(parser, None)
+    second = train_module._create_output_dir(parser, None)
+    assert first == Path("runs/20240101-000000-2") and second == Path("runs/20240101-000000-3")
+    assert (taken / "summary.json").read_text() == "{}"
+
+
+def test_help_exits_cleanly(capsys):
+    assert main(["--help"]) == 0
+    assert "--second-order" in capsys.readouterr().out
+
+
+BAD_COMMAND_LINES = {
+    "epochs-zero": (["--epochs", "0"], "--epochs"),
+    "epochs-negative": (["--epochs", "-3"], "--epochs"),
+    "epochs-text": (["--epochs", "many"], "--epochs"),
+    "batch-size-zero": (["--batch-size", "0"], "--batch-size"),
+    "batch-size-one": (["--batch-size", "1"], "--batch-size"),
+    "batch-size-too-large": (["--batch-size", "1438"], "--batch-size"),
+    "lr-zero": (["--lr", "0"], "--lr"),
+    "lr-negative": (["--lr", "-0.1"], "--lr"),
+    "lr-nan": (["--lr", "nan"], "--lr"),
+    "lr-inf": (["--lr", "inf"], "--lr"),
+    "mask-lr-zero": (["--mask-lr", "0"], "--mask-lr"),
+    "unknown-method": (["--method", "byol"], "--method"),
+    "unknown-second-order": (["--second-order", "exact"], "--second-order"),
+    "seed-text": (["--seed", "x"], "--seed"),
+    "device-nonsense": (["--device", "tpu"], "--device"),
+    "device-cuda-index": (["--device", "cuda:99"], "--device"),
+    "unwritable-output-dir": (["--output-dir", "{blocker}/run"], "--output-dir"),
+}
+if not torch.cuda.is_available():
+    BAD_COMMAND_LINES["device-cuda-unavailable"] = (["--device", "cuda"], "--device")
+# The real entry point, one interpreter per case, for a sample of the cases above (each start costs
+# seconds of imports); every case also runs in-process through main().
+SUBPROCESS_CASES = ["epochs-zero", "batch-size-too-large", "lr-nan", "unknown-method", "unwritable-output-dir",
+                    "device-cuda-unavailable" if not torch.cuda.is_available() else "device-cuda-index"]
+
+
+def bad_command_line(case: str, workdir: Path) -> list[str]:
+    blocker = workdir / "a-file"
+    blocker.write_text("not a directory")
+    arguments = [a.format(blocker=blocker) for a in BAD_COMMAND_LINES[case][0]]
+    if "--output-dir" not in arguments:
+        arguments += ["--output-dir", str(workdir / case)]
+    return arguments
+
+
+def assert_one_line_error(returncode: int, stdout: str, stderr: str, case: str, workdir: Path) -> None:
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr and "usage:" not in stderr and stdout == ""
+    argument = BAD_COMMAND_LINES[case][1]
+    assert stderr.count("\n") == 1 and stderr.startswith(f"metamask_fast.train: error: argument {argument}"), stderr
+    # Nothing is created for a command line that is refused.
+    assert not (workdir / case).exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMMAND_LINES))
+def test_bad_command_line_returns_2_with_one_line(tmp_path, capsys, case):
+    returncode = main(bad_command_line(case, tmp_path))
+    captured = capsys.readouterr()
+    assert_one_line_error(returncode, captured.out, captured.err, case, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(tmp_path_factory):
+    """The sampled bad command lines as real subprocesses, started together so their imports overlap."""
+    workdir = tmp_path_factory.mktemp("cli")
+    processes = {
+        case: subprocess.Popen([sys.executable, "-m", "metamask_fast.train", *bad_command_line(case, workdir)],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for case in SUBPROCESS_CASES
+    }
+    results = {}
+    for case, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[case] = (process.returncode, stdout, stderr)
+    return workdir, results
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_command_line_subprocess_exits_2_with_one_line(subprocess_results, case):
+    workdir, results = subprocess_results
+    assert_one_line_error(*results[case], case, workdir)
