@@ -168,7 +168,15 @@ class MetaMaskStep:
         params = dict(self.model.named_parameters())
         names = list(v)
         directions = [v[name] for name in names]
-        radius = self.fd_radius / float(ops.global_norm(directions))
+        norm = float(ops.global_norm(directions))
+        if norm == 0:  # no direction to differentiate along: the second-order term vanishes
+            return torch.zeros_like(self.model.mask.logits)
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                "MetaMaskStep: the contrastive gradient at the virtual weights is not finite; "
+                "the network has diverged (try a smaller learning rate)"
+            )
+        radius = self.fd_radius / norm
         perturbed = [params[name].detach().clone() for name in names]
         mask = self.model.mask.logits
 

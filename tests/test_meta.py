@@ -147,3 +147,16 @@ def test_bad_arguments_name_themselves():
         step.step(x[:1], x[:1])
     with pytest.raises(TypeError, match="x1"):
         step.step(x, x.numpy())
+
+
+def test_finite_difference_term_is_zero_along_a_zero_direction():
+    model = tiny_model(4)
+    step = MetaMaskStep(model, *optimizers(model))
+    (x0, x1), = batches(4, steps=1)
+    zero = {name: torch.zeros_like(p) for name, p in model.named_parameters() if name.startswith("cl_head.")}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    hvp = step._finite_difference_hvp(zero, buffers, x0, x1)
+    assert torch.equal(hvp, torch.zeros_like(model.mask.logits))
+    nan = {name: torch.full_like(t, float("nan")) for name, t in zero.items()}
+    with pytest.raises(FloatingPointError, match="diverged"):
+        step._finite_difference_hvp(nan, buffers, x0, x1)

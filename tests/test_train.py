@@ -16,7 +16,6 @@ from metamask_fast.backbones import DigitsConvNet
 from metamask_fast.models import DimensionalMask
 from metamask_fast.train import build_model, build_parser, main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "backbone.pt", "mask.pt")
 SUMMARY_KEYS = ("knn_top1", "knn_top1_raw_pixels", "knn_top1_random_init", "epochs", "seconds", "method")
 
@@ -198,7 +197,7 @@ def subprocess_results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cli")
     processes = {
         case: subprocess.Popen([sys.executable, "-m", "metamask_fast.train", *bad_command_line(case, workdir)],
-                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for case in SUBPROCESS_CASES
     }
     results = {}
