@@ -1,7 +1,7 @@
 """Print the ratios of one benchmark run: ``python bench/report.py RESULTS.json``.
 
 For every benchmark group, each case's median time and how many times faster it is than the group's
-baseline (the case named ``authors`` or ``barlow_twins``, whichever the group has).
+baseline (the case named ``authors`` or ``authors_second_order``, whichever the group has).
 """
 
 import json

@@ -23,6 +23,4 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(metamask_fast, m) {
   // sqrt(sum of squares) over all elements of all tensors: a 0-d tensor of the inputs' dtype and device.
   m.def("global_norm(Tensor[] tensors) -> Tensor");
-  // Later ops are declared here in the same way: add_scaled_ (x += alpha * y over two lists, in place)
-  // and virtual_sgd_step (the look-ahead SGD update of SPEC §1 step 2).
 }

@@ -8,11 +8,12 @@ path is missing; an explicitly requested backend that cannot run raises ``Runtim
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import torch.nn.functional as F
+
+from metamask_fast._checks import check_number
 
 __all__ = ["barlow_twins_loss", "nt_xent_loss"]
 
@@ -78,19 +79,20 @@ def _check_finite(**tensors: torch.Tensor | None) -> None:
     # Skipped while tracing: a data-dependent check would break the graph.
     if torch.compiler.is_compiling():
         return
-    for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    given = {name: t for name, t in tensors.items() if t is not None}
+    # One reduction and one device sync for all arguments; the culprit is looked up only on failure.
+    if bool(torch.stack([torch.isfinite(t).all() for t in given.values()]).all()):
+        return
+    name = next(name for name, t in given.items() if not bool(torch.isfinite(t).all()))
+    raise ValueError(f"{name} contains non-finite values (nan or inf)")
 
 
-def _check_number(name: str, value: float, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+    """float32 for the half-precision dtypes, whose range and sums the losses outgrow; else z's dtype."""
+    return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
 
 
-def standardize(z: torch.Tensor, normalize: str = "std", eps: float = 1e-5) -> torch.Tensor:
+def _standardize(z: torch.Tensor, normalize: str = "std", eps: float = 1e-5) -> torch.Tensor:
     """Standardise every column of ``z`` over the batch.
 
     ``"std"`` (the authors' form): ``(z - mean) / std`` with the unbiased std and no eps.
@@ -155,33 +157,36 @@ def barlow_twins_loss(
 ) -> torch.Tensor:
     """Barlow Twins redundancy-reduction loss.
 
-    With ``ẑ`` the column-standardised embeddings (see :func:`standardize`), ``w`` the optional
+    With ``ẑ`` the column-standardised embeddings (see :func:`_standardize`), ``w`` the optional
     per-dimension ``weight`` and ``C = diag(w) ẑ_aᵀ ẑ_b diag(w) / N``::
 
         L = Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²
           = Σ_i (1 - C_ii)² + λ (‖C‖²_F - Σ_i C_ii²)
 
     ``C_ii`` costs O(ND) and ``‖C‖²_F`` is computed by the Gram path (N < D) or the tiled C path (N ≥ D),
-    so no D × D tensor is ever built. Returns a scalar tensor.
+    so no D × D tensor is ever built. float16 and bfloat16 inputs are computed in float32 (the unscaled
+    Gram products overflow float16). Returns a scalar tensor of the inputs' dtype.
     """
     _resolve_backend(backend)
     _check_embeddings(z_a, z_b)
     _check_weight(weight, z_a)
-    _check_number("lambd", lambd, positive=False)
+    check_number("lambd", lambd, minimum=0)
     if not isinstance(normalize, str) or normalize not in _NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
-    _check_number("eps", eps, positive=True)
+    check_number("eps", eps, minimum=0, strict=True)
     _check_finite(z_a=z_a, z_b=z_b, weight=weight)
 
     n = z_a.shape[0]
-    a = standardize(z_a, normalize, eps)
-    b = standardize(z_b, normalize, eps)
+    dtype = _compute_dtype(z_a)
+    a = _standardize(z_a.to(dtype), normalize, eps)
+    b = _standardize(z_b.to(dtype), normalize, eps)
     if weight is not None:
-        a, b = a * weight, b * weight
+        a, b = a * weight.to(dtype), b * weight.to(dtype)
     diagonal = torch.sum(a * b, dim=0) / n
     frobenius = _SquaredCrossCorrelationNorm.apply(a, b) / (n * n)
     off_diagonal = frobenius - torch.sum(torch.square(diagonal))
-    return torch.sum(torch.square(1 - diagonal)) + lambd * off_diagonal
+    loss = torch.sum(torch.square(1 - diagonal)) + lambd * off_diagonal
+    return loss.to(z_a.dtype)
 
 
 def nt_xent_loss(
@@ -199,21 +204,23 @@ def nt_xent_loss(
 
         L = 1/(2N) Σ_i -log( exp(u_i·u_p(i)/τ) / Σ_{k≠i} exp(u_i·u_k/τ) )
 
-    which equals the authors' ``½[CE([z0z1ᵀ, z0z0ᵀ - ∞I]/τ) + CE([z1z0ᵀ, z1z1ᵀ - ∞I]/τ)]``. Returns a scalar.
+    which equals the authors' ``½[CE([z0z1ᵀ, z0z0ᵀ - ∞I]/τ) + CE([z1z0ᵀ, z1z1ᵀ - ∞I]/τ)]``. float16 and
+    bfloat16 inputs are computed in float32. Returns a scalar tensor of the inputs' dtype.
     """
     _resolve_backend(backend)
     _check_embeddings(z_a, z_b)
     _check_weight(weight, z_a)
-    _check_number("temperature", temperature, positive=True)
+    check_number("temperature", temperature, minimum=0, strict=True)
     _check_finite(z_a=z_a, z_b=z_b, weight=weight)
 
     n = z_a.shape[0]
-    z = torch.cat([z_a, z_b])
+    dtype = _compute_dtype(z_a)
+    z = torch.cat([z_a, z_b]).to(dtype)
     if weight is not None:
-        z = z * weight
+        z = z * weight.to(dtype)
     u = F.normalize(z, dim=1)
     logits = (u @ u.T) / temperature
     self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_pairs, float("-inf"))
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, positives)
+    return F.cross_entropy(logits, positives).to(z_a.dtype)

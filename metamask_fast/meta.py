@@ -28,6 +28,7 @@ import torch
 from torch.func import functional_call
 
 from metamask_fast import ops
+from metamask_fast._checks import check_number
 from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 
 __all__ = ["MetaMaskStep"]
@@ -41,15 +42,6 @@ def _sub_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {name[start:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
 
 
-def _check_finite_number(name: str, value: float, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    if not positive and value < 0:
-        raise ValueError(f"{name} must be non-negative, got {value!r}")
-
-
 class MetaMaskStep:
     """One MetaMask training step per call; see the module docstring for the math.
 
@@ -57,6 +49,9 @@ class MetaMaskStep:
     over the network weights (every trainable parameter but ``model.mask.logits``); its lr, momentum,
     dampening, weight decay and nesterov flag define the virtual step, and η of the second-order term is
     the lr of its first parameter group. ``mask_optimizer``: any optimizer over ``model.mask.logits``.
+
+    ``second_order``: ``"finite_difference"`` (the authors' estimate, the default) or ``"none"`` (first
+    order). The exact mixed second derivative (``"exact"`` in SPEC §2) arrives with the fast step engine.
     """
 
     def __init__(
@@ -83,10 +78,10 @@ class MetaMaskStep:
             raise TypeError(f"mask_optimizer must be a torch.optim.Optimizer, got {type(mask_optimizer).__name__}")
         if not isinstance(second_order, str) or second_order not in _SECOND_ORDER:
             raise ValueError(f"second_order must be one of {_SECOND_ORDER}, got {second_order!r}")
-        _check_finite_number("weight_cl", weight_cl, positive=False)
-        _check_finite_number("lambd", lambd, positive=False)
-        _check_finite_number("temperature", temperature, positive=True)
-        _check_finite_number("fd_radius", fd_radius, positive=True)
+        check_number("weight_cl", weight_cl, minimum=0)
+        check_number("lambd", lambd, minimum=0)
+        check_number("temperature", temperature, minimum=0, strict=True)
+        check_number("fd_radius", fd_radius, minimum=0, strict=True)
 
         mask = model.mask.logits
         names = {p: name for name, p in model.named_parameters()}
@@ -115,7 +110,7 @@ class MetaMaskStep:
         self._names = [name for _, group_names in self._groups for name in group_names]
 
     def _check_views(self, x0: torch.Tensor, x1: torch.Tensor) -> None:
-        device = self.model.mask.logits.device
+        device, dtype = self.model.mask.logits.device, self.model.mask.logits.dtype
         for name, x in (("x0", x0), ("x1", x1)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -123,6 +118,8 @@ class MetaMaskStep:
                 raise ValueError(f"{name} must be a batch of at least 2 samples, got shape {tuple(x.shape)}")
             if x.device != device:
                 raise ValueError(f"{name} is on {x.device} but the model is on {device}")
+            if x.dtype != dtype:
+                raise TypeError(f"{name} has dtype {x.dtype} but the model's weights are {dtype}")
         if x0.shape != x1.shape:
             raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
 

@@ -6,11 +6,12 @@ both read the masked features ``h``, and so does the kNN monitor (:meth:`MetaMas
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from metamask_fast._checks import check_number
 
 __all__ = ["DimensionalMask", "MetaMaskModel", "projection_head"]
 
@@ -27,12 +28,11 @@ class DimensionalMask(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
-            raise ValueError(f"init must be a finite number, got {init!r}")
+        init = check_number("init", init)
         if not isinstance(sigmoid, bool):
             raise TypeError(f"sigmoid must be a bool, got {type(sigmoid).__name__}")
         self.sigmoid = sigmoid
-        self.logits = nn.Parameter(torch.full((dim,), float(init)))
+        self.logits = nn.Parameter(torch.full((dim,), init))
 
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.logits) if self.sigmoid else self.logits

@@ -1,8 +1,10 @@
 r"""Compiled multi-tensor ops, each with a pure-PyTorch fallback.
 
-Every op exists twice: as a kernel of the extension ``metamask_fast._C`` (``torch.ops.metamask_fast.<name>``,
-CPU kernels always, CUDA kernels when the extension was built with a CUDA toolkit) and as a small function
-``_<name>_torch`` in this module that computes the same result with ``torch._foreach`` ops.
+``global_norm`` exists twice: as a kernel of the extension ``metamask_fast._C``
+(``torch.ops.metamask_fast.global_norm``, CPU kernel always, CUDA kernel when the extension was built with a
+CUDA toolkit) and as ``_global_norm_torch`` in this module, the same result with ``torch._foreach`` ops.
+``add_scaled_`` and ``virtual_sgd_step`` have only their ``torch._foreach`` path so far; their compiled
+kernels will slot in behind the same names.
 
 Fallback rule: the public wrapper checks its arguments (``TypeError``/``ValueError`` naming the argument),
 then runs the compiled op when the extension is loaded and has a kernel for the inputs' device, and the
@@ -13,17 +15,18 @@ loading the extension, so the fallbacks can be tested and timed on a machine whe
 Precision: results have the inputs' dtype. The CUDA kernels and the fallbacks accumulate in float64 for
 float64 inputs and in float32 for float32, float16 and bfloat16 inputs. The CPU kernels accumulate in
 float64 for every dtype: in C++ the wider sum is free (the pass is memory bound), whereas torch's own
-float64 reductions of float32 tensors are over 20x slower on the CPU (measured), so the fallbacks do not
-follow it there.
+float64 reductions of float32 tensors are many times slower on the CPU, so the fallbacks do not follow it
+there.
 
 The compiled ops carry fake (meta) kernels, for ``torch.compile``, and autograd formulas, registered below.
 """
 
-import math
 import os
 from collections.abc import Sequence
 
 import torch
+
+from metamask_fast._checks import check_number
 
 _EXTENSION_ERROR: str | None = None
 if os.environ.get("METAMASK_FAST_NO_EXT") == "1":
@@ -106,8 +109,8 @@ def _global_norm_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Fallback of :func:`global_norm`: the norm of the per-tensor norms."""
     dtype = tensors[0].dtype
     # float16/bfloat16 norms are kept in float32 before they are combined. float32 and float64 inputs keep
-    # torch's default: asking for any dtype, even their own, makes torch convert on the way (measured on the
-    # CPU: 1.8x slower for float32 with dtype=float32, over 20x with float64 accumulation).
+    # torch's default: asking for any dtype, even their own, makes torch convert on the way, which is
+    # slower on the CPU.
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
     return torch.linalg.vector_norm(torch.stack(norms)).to(dtype)
 
@@ -156,8 +159,7 @@ def add_scaled_(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
     tensors = _check_tensor_list("add_scaled_", "tensors", tensors)
     others = _check_tensor_list("add_scaled_", "others", others)
     _check_pairs("add_scaled_", "tensors", tensors, "others", others)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"add_scaled_: `alpha` must be a finite number, got {alpha!r}")
+    alpha = check_number("add_scaled_: `alpha`", alpha)
     with torch.no_grad():
         torch._foreach_add_(tensors, others, alpha=alpha)
 
@@ -185,23 +187,30 @@ def virtual_sgd_step(
     (with ``momentum = 0``, ``θ' = θ - η d``). A weight whose gradient is ``None`` is returned as it is
     (detached, not copied). Returns new tensors that do not require grad.
     """
-    params = _check_tensor_list("virtual_sgd_step", "params", params)
+    op = "virtual_sgd_step"
+    params = _check_tensor_list(op, "params", params)
     if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
-        raise ValueError("virtual_sgd_step: `grads` must be a list as long as `params` (None where no gradient)")
+        raise ValueError(f"{op}: `grads` must be a list as long as `params` (None where no gradient)")
     if not isinstance(buffers, (list, tuple)) or len(buffers) != len(params):
-        raise ValueError("virtual_sgd_step: `buffers` must be a list as long as `params` (None where no buffer)")
-    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"virtual_sgd_step: `{name}` must be a finite number, got {value!r}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("virtual_sgd_step: `nesterov` needs momentum > 0 and dampening 0")
+        raise ValueError(f"{op}: `buffers` must be a list as long as `params` (None where no buffer)")
+    # torch.optim.SGD accepts a tensor lr; the update only needs its value.
+    lr = check_number(f"{op}: `lr`", float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr, minimum=0)
+    momentum = check_number(f"{op}: `momentum`", momentum, minimum=0)
+    dampening = check_number(f"{op}: `dampening`", dampening)
+    weight_decay = check_number(f"{op}: `weight_decay`", weight_decay, minimum=0)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"{op}: `nesterov` must be a bool, got {type(nesterov).__name__}")
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise ValueError(f"{op}: `nesterov` needs momentum > 0 and dampening 0")
     stepped = [i for i, g in enumerate(grads) if g is not None]
+    for i in stepped:
+        _check_like(op, "grads", i, grads[i], "params", params[i])
+        if buffers[i] is not None:
+            _check_like(op, "buffers", i, buffers[i], "params", params[i])
     out = [p.detach() for p in params]
     if not stepped:
         return out
     weights = [params[i].detach() for i in stepped]
-    _check_pairs("virtual_sgd_step", "params", weights, "grads", _check_tensor_list(
-        "virtual_sgd_step", "grads", [grads[i] for i in stepped]))
     with torch.no_grad():
         d = [grads[i] for i in stepped]
         if weight_decay != 0:
@@ -217,13 +226,23 @@ def virtual_sgd_step(
     return out
 
 
+def _check_like(op: str, name: str, i: int, t: object, ref_name: str, ref: torch.Tensor) -> None:
+    """``name[i]`` must be a tensor of the shape, dtype and device of ``ref_name[i]``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+    if t.shape != ref.shape:
+        raise ValueError(
+            f"{op}: {name}[{i}] must have the shape of {ref_name}[{i}], {tuple(ref.shape)}, got {tuple(t.shape)}"
+        )
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(
+            f"{op}: {name}[{i}] must have the dtype and device of {ref_name}[{i}] ({ref.dtype}, {ref.device}), "
+            f"got {t.dtype}, {t.device}"
+        )
+
+
 def _check_pairs(op: str, name_a: str, a: list[torch.Tensor], name_b: str, b: list[torch.Tensor]) -> None:
     if len(a) != len(b):
         raise ValueError(f"{op}: `{name_a}` and `{name_b}` must be equally long, got {len(a)} and {len(b)}")
     for i, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape:
-            raise ValueError(
-                f"{op}: {name_a}[{i}] and {name_b}[{i}] must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
-            )
-        if x.dtype != y.dtype or x.device != y.device:
-            raise ValueError(f"{op}: {name_a}[{i}] and {name_b}[{i}] must share dtype and device")
+        _check_like(op, name_b, i, y, name_a, x)

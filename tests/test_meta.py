@@ -147,6 +147,8 @@ def test_bad_arguments_name_themselves():
         step.step(x[:1], x[:1])
     with pytest.raises(TypeError, match="x1"):
         step.step(x, x.numpy())
+    with pytest.raises(TypeError, match="x0"):
+        step.step(x.float(), x.float())
 
 
 def test_finite_difference_term_is_zero_along_a_zero_direction():
@@ -160,3 +162,31 @@ def test_finite_difference_term_is_zero_along_a_zero_direction():
     nan = {name: torch.full_like(t, float("nan")) for name, t in zero.items()}
     with pytest.raises(FloatingPointError, match="diverged"):
         step._finite_difference_hvp(nan, buffers, x0, x1)
+
+
+def test_virtual_weights_follow_each_parameter_group():
+    # Two groups with their own lr, momentum, dampening, weight decay and nesterov: θ' must be what a real
+    # SGD step with the same gradients would give, group by group.
+    model = tiny_model(7)
+    backbone = list(model.backbone.parameters())
+    heads = list(model.bt_head.parameters()) + list(model.cl_head.parameters())
+    net_opt = torch.optim.SGD([
+        dict(params=backbone, lr=0.03, momentum=0.5, dampening=0.2, weight_decay=1e-3),
+        dict(params=heads, lr=0.011, momentum=0.9, nesterov=True, weight_decay=0.0),
+    ], lr=0.1)
+    mask_opt = torch.optim.SGD([model.mask.logits], lr=0.01)
+    step = MetaMaskStep(model, net_opt, mask_opt)
+    (x0, x1), (y0, y1) = batches(8, steps=2)
+    step.step(x0, x1)  # creates the momentum buffers
+
+    grads = [None if p.shape[0] % 2 else torch.randn_like(p) for p in step._params]
+    virtual = step._virtual_weights(grads)
+    real = copy.deepcopy((model, net_opt))
+    real_model, real_opt = real
+    for p, g in zip([p for group in real_opt.param_groups for p in group["params"]], grads):
+        p.grad = g
+    real_opt.step()
+    real_params = dict(real_model.named_parameters())
+    assert set(virtual) == {name for name, g in zip(step._names, grads) if g is not None}
+    for name, weight in virtual.items():
+        torch.testing.assert_close(weight, real_params[name].detach(), rtol=1e-14, atol=1e-15)

@@ -121,10 +121,16 @@ def test_wrapper_falls_back_without_extension(monkeypatch):
     assert len(calls) == 1 and isinstance(calls[0], list)
 
 
-def test_extension_disabled_by_environment():
-    code = "import metamask_fast.ops as o; assert not o.HAS_EXTENSION, o._EXTENSION_ERROR"
-    env = {**os.environ, "METAMASK_FAST_NO_EXT": "1"}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+@requires_extension
+def test_extension_disabled_by_environment(tmp_path):
+    # From an empty folder, so the package imported is the one this process uses, not a source tree.
+    code = "import metamask_fast.ops as o; print(o.HAS_EXTENSION)"
+    env = {k: v for k, v in os.environ.items() if k != "METAMASK_FAST_NO_EXT"}
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, check=True,
+                            capture_output=True, text=True)
+    disabled = subprocess.run([sys.executable, "-c", code], env={**env, "METAMASK_FAST_NO_EXT": "1"},
+                              cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert (loaded.stdout.strip(), disabled.stdout.strip()) == ("True", "False")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -60,8 +60,29 @@ def test_virtual_sgd_step_bad_input():
     with pytest.raises(ValueError, match="nesterov"):
         ops.virtual_sgd_step(params, [None] * 4, [None] * 4, lr=0.1, nesterov=True)
     wrong = [torch.randn(2, dtype=torch.float64)] + [None] * 3
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
         ops.virtual_sgd_step(params, wrong, [None] * 4, lr=0.1)
+    grads = [torch.randn_like(p) for p in params]
+    with pytest.raises(ValueError, match=r"buffers\[2\]"):
+        ops.virtual_sgd_step(params, grads, [None, None, torch.randn(99, dtype=torch.float64), None], lr=0.1,
+                             momentum=0.9)
+    with pytest.raises(TypeError, match=r"buffers\[1\]"):
+        ops.virtual_sgd_step(params, grads, [None, "buffer", None, None], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"buffers\[0\]"):
+        ops.virtual_sgd_step(params, grads, [params[0].float(), None, None, None], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="lr"):
+        ops.virtual_sgd_step(params, grads, [None] * 4, lr=-0.1)
+    with pytest.raises(TypeError, match="nesterov"):
+        ops.virtual_sgd_step(params, grads, [None] * 4, lr=0.1, momentum=0.9, nesterov=1)
+
+
+def test_virtual_sgd_step_accepts_a_tensor_lr_like_sgd():
+    params = random_tensors()
+    grads = [torch.randn_like(p) for p in params]
+    got = ops.virtual_sgd_step(params, grads, [None] * 4, lr=torch.tensor(0.25))
+    want = ops.virtual_sgd_step(params, grads, [None] * 4, lr=0.25)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
