@@ -47,6 +47,8 @@ def projection_head(in_dim: int, dims: Sequence[int]) -> nn.Sequential:
     The shape of the authors' projectors (lightly's SimSiam projection MLP): 512→2048→2048→2048 for Barlow
     Twins and 512→2048→256 for the contrastive head.
     """
+    if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+        raise ValueError(f"in_dim must be a positive integer, got {in_dim!r}")
     dims = tuple(dims)
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
         raise ValueError(f"head dims must be a non-empty sequence of positive integers, got {dims!r}")
@@ -80,6 +82,9 @@ class MetaMaskModel(nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+        check_number("mask_init", mask_init)
+        if not isinstance(sigmoid, bool):
+            raise TypeError(f"sigmoid must be a bool, got {type(sigmoid).__name__}")
         self.backbone = backbone
         self.mask = DimensionalMask(feature_dim, init=mask_init, sigmoid=sigmoid)
         self.bt_head = projection_head(feature_dim, bt_dims)
@@ -87,6 +92,10 @@ class MetaMaskModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Masked backbone features ``backbone(x).flatten(1) * mask()``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != self.mask.logits.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.mask.logits.device}")
         h = self.backbone(x).flatten(1)
         dim = self.mask.logits.numel()
         if h.shape[1] != dim:

@@ -71,6 +71,14 @@ def test_model_bad_input():
         MetaMaskModel(tiny_backbone(), 0)
     with pytest.raises(ValueError, match="dims"):
         MetaMaskModel(tiny_backbone(), 7, cl_dims=())
+    with pytest.raises(ValueError, match="mask_init"):
+        MetaMaskModel(tiny_backbone(), 7, mask_init=float("inf"))
+    with pytest.raises(TypeError, match="sigmoid"):
+        MetaMaskModel(tiny_backbone(), 7, sigmoid=None)
     model = MetaMaskModel(tiny_backbone(), 8, bt_dims=(4,), cl_dims=(4,))
     with pytest.raises(ValueError, match="feature_dim is 8"):
         model(torch.randn(3, 1, 4, 4))
+    with pytest.raises(TypeError, match="x"):
+        model(torch.randn(3, 1, 4, 4).numpy())
+    with pytest.raises(ValueError, match="x is on meta"):
+        model(torch.randn(3, 1, 4, 4, device="meta"))
