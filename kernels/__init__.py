@@ -1,5 +1,6 @@
 """Triton kernels of metamask_fast, installed as ``metamask_fast.kernels``.
 
-This package holds kernels only (no torch state). It is empty until the fused Barlow Twins loss kernel
-lands; until then every loss runs its plain-PyTorch path and ``backend="triton"`` raises a clear error.
+Kernels and their host launchers only: no registered ops, no module state. :mod:`.barlow_twins` holds the
+fused Barlow Twins loss (column statistics, masked normalisation, cross-correlation and redundancy loss,
+forward and backward); :mod:`metamask_fast._fused_loss` registers it as a ``torch.library`` custom op.
 """

@@ -2,12 +2,19 @@
 
 Both take a ``backend``: ``"auto"`` (the default; the environment variable ``METAMASK_FAST_BACKEND``
 replaces it when set), ``"torch"`` (the plain-PyTorch path below, which is also the test oracle) or
-``"triton"`` (the fused kernels of :mod:`metamask_fast.kernels`). ``"auto"`` never fails because a fast
-path is missing; an explicitly requested backend that cannot run raises ``RuntimeError``.
+``"triton"`` (the fused kernels of :mod:`metamask_fast.kernels`, a ``torch.library`` custom op).
+
+``"auto"`` picks Triton for CUDA tensors of float32, bfloat16 or float16 on a GPU of compute capability 8.0
+or newer when Triton is installed, and PyTorch otherwise; it never fails because a fast path is missing.
+``"triton"`` asked for explicitly raises ``RuntimeError`` where it cannot run (no Triton; a CPU tensor
+without ``TRITON_INTERPRET=1``, which runs the kernels in Triton's interpreter: slow, for testing) and
+``TypeError`` for float64. Only :func:`barlow_twins_loss` has a Triton kernel: :func:`nt_xent_loss`
+rejects an explicit ``backend="triton"`` and runs PyTorch when the environment variable asks for Triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -19,26 +26,64 @@ __all__ = ["barlow_twins_loss", "nt_xent_loss"]
 
 _BACKENDS = ("auto", "torch", "triton")
 _NORMALIZATIONS = ("std", "bn")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Rows of C = ẑ_aᵀ ẑ_b held at once by the tiled path: memory stays at TILE_ROWS × D, never D × D.
 C_TILE_ROWS = 128
 
 
-def _resolve_backend(backend: str) -> str:
-    """The backend a call runs on. Only ``"torch"`` exists in this build; see the module docstring."""
+def _resolve_backend(backend: str, z: torch.Tensor, *, has_triton_kernel: bool) -> str:
+    """The backend (``"torch"`` or ``"triton"``) a loss call on ``z`` runs on; see the module docstring."""
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    from_environment = backend == "auto"
+    if from_environment:
+        backend = os.environ.get("METAMASK_FAST_BACKEND", "auto")
+        if backend not in _BACKENDS:
+            raise ValueError(f"METAMASK_FAST_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "triton" and from_environment and not has_triton_kernel):
+        return "torch"
     if backend == "auto":
-        env = os.environ.get("METAMASK_FAST_BACKEND", "auto")
-        if env not in _BACKENDS:
-            raise ValueError(f"METAMASK_FAST_BACKEND must be one of {_BACKENDS}, got {env!r}")
-        backend = env
-    if backend == "triton":
-        raise RuntimeError(
-            "backend='triton': the fused Triton loss kernels are not part of this build yet; "
-            "use backend='torch' or 'auto'"
+        return "triton" if has_triton_kernel and _triton_suits(z) else "torch"
+    if not has_triton_kernel:
+        raise RuntimeError("backend='triton': this loss has no Triton kernel; use backend='torch' or 'auto'")
+    problem = _triton_problem(z)
+    if problem is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {problem}; use backend='torch' or 'auto'")
+    return "triton"
+
+
+def _triton_suits(z: torch.Tensor) -> bool:
+    """The condition of ``"auto"``: a supported dtype on a CUDA device Triton compiles for."""
+    return (
+        isinstance(z, torch.Tensor)
+        and z.is_cuda
+        and z.dtype in _TRITON_DTYPES
+        and torch.cuda.get_device_capability(z.device) >= (8, 0)
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def _triton_problem(z: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take ``z`` (None when they can); a float64 ``z`` is a TypeError."""
+    if isinstance(z, torch.Tensor) and z.is_floating_point() and z.dtype not in _TRITON_DTYPES:
+        raise TypeError(
+            f"z_a: backend='triton' takes float32, bfloat16 or float16 embeddings (it accumulates in "
+            f"float32), got {z.dtype}; use backend='torch' for {z.dtype}"
         )
-    return "torch"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if isinstance(z, torch.Tensor) and z.device.type == "cpu":
+        from metamask_fast import _fused_loss
+
+        if not _fused_loss.kernels_run_on_cpu():
+            return (
+                "z_a is a CPU tensor; the kernels run on CUDA, or on the CPU in Triton's interpreter when "
+                "TRITON_INTERPRET=1 is set before the first Triton call (slow; for testing)"
+            )
+    elif isinstance(z, torch.Tensor) and not z.is_cuda:
+        return f"z_a is on {z.device}; the kernels run on CUDA devices"
+    return None
 
 
 def _check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
@@ -167,14 +212,20 @@ def barlow_twins_loss(
     so no D × D tensor is ever built. float16 and bfloat16 inputs are computed in float32 (the unscaled
     Gram products overflow float16). Returns a scalar tensor of the inputs' dtype.
     """
-    _resolve_backend(backend)
     _check_embeddings(z_a, z_b)
+    backend = _resolve_backend(backend, z_a, has_triton_kernel=True)
     _check_weight(weight, z_a)
     check_number("lambd", lambd, minimum=0)
     if not isinstance(normalize, str) or normalize not in _NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
     check_number("eps", eps, minimum=0, strict=True)
     _check_finite(z_a=z_a, z_b=z_b, weight=weight)
+
+    if backend == "triton":
+        from metamask_fast import _fused_loss
+
+        outputs = _fused_loss.barlow_twins_fused(z_a, z_b, weight, float(lambd), normalize == "std", float(eps))
+        return outputs[0].to(z_a.dtype)
 
     n = z_a.shape[0]
     dtype = _compute_dtype(z_a)
@@ -207,8 +258,8 @@ def nt_xent_loss(
     which equals the authors' ``½[CE([z0z1ᵀ, z0z0ᵀ - ∞I]/τ) + CE([z1z0ᵀ, z1z1ᵀ - ∞I]/τ)]``. float16 and
     bfloat16 inputs are computed in float32. Returns a scalar tensor of the inputs' dtype.
     """
-    _resolve_backend(backend)
     _check_embeddings(z_a, z_b)
+    _resolve_backend(backend, z_a, has_triton_kernel=False)
     _check_weight(weight, z_a)
     check_number("temperature", temperature, minimum=0, strict=True)
     _check_finite(z_a=z_a, z_b=z_b, weight=weight)

@@ -1,0 +1,424 @@
+"""Fused Barlow Twins loss: masked normalisation, cross-correlation and redundancy loss, in Triton.
+
+Notation (every kernel below refers to it). ``z_a, z_b`` are (N, D); for each column ``i``::
+
+    μ_i = mean_n z_ni
+    r_i = 1 / sqrt(Σ_n (z_ni - μ_i)² / (N - 1))          "std" (the authors' form, unbiased, no eps)
+    r_i = 1 / sqrt(Σ_n (z_ni - μ_i)² / N + eps)          "bn"  (BatchNorm1d(affine=False) in training mode)
+    ẑ_ni = (z_ni - μ_i) r_i,    a = ẑ_a diag(w),    b = ẑ_b diag(w)      (w = 1 without a weight)
+
+    P_i = Σ_n a_ni b_ni,        c_ii = P_i / N,     F = ‖aᵀb‖²_F
+    L = Σ_i (1 - c_ii)² + λ (F / N² - Σ_i c_ii²)
+
+``aᵀb`` is D × D and is never written to memory. ``F`` comes from one of two paths, chosen by shape:
+
+* Gram path (N < D): ``F = ⟨a aᵀ, b bᵀ⟩`` with the two N × N Gram matrices, O(N²D) work.
+* Tiled C path (N ≥ D): ``F = Σ_tiles ‖T‖²`` over D-block tiles ``T = a[:, I]ᵀ b[:, J]``, each squared and
+  summed in its kernel's epilogue, O(ND²) work.
+
+Gradient (the backward kernels). With ``g = ∂out/∂L``, ``s = 2λ / N²`` and
+``κ_i = (-2 (1 - c_ii) - 2λ c_ii) / N`` (so that ``∂L/∂P_i = κ_i``)::
+
+    ∂L/∂a = κ ⊙ b + s · b bᵀ a      (= κ ⊙ b + s · b Cᵀ with C = aᵀ b)
+    ∂L/∂b = κ ⊙ a + s · a aᵀ b      (the same expression with a and b swapped)
+
+and through the weight and the standardisation, with ``T = ∂L/∂a`` and ``h = g · T diag(w)``::
+
+    ∂L/∂w_i   = g Σ_n (T_a ⊙ ẑ_a + T_b ⊙ ẑ_b)_ni
+    ∂L/∂z_ni  = r_i (h_ni - mean_n h_ni - ẑ_ni Σ_m h_mi ẑ_mi / k),    k = N - 1 ("std") or N ("bn")
+
+All arithmetic is float32 whatever the input dtype (float32, bfloat16, float16); ``tl.dot`` runs in IEEE
+float32 (no TF32), so the kernels agree with a float64 reference to float32 rounding. The host functions
+at the bottom launch the kernels; they hold no state and register nothing (``metamask_fast._fused_loss``
+turns them into a ``torch.library`` custom op with autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["barlow_twins_forward", "barlow_twins_backward", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tile sizes. tl.dot needs every dimension >= 16; masks handle the ragged edges.
+STATS_BLOCK_N, STATS_BLOCK_D = 64, 64
+GRAM_BLOCK_M, GRAM_BLOCK_K = 64, 32
+GRAM_BWD_BLOCK_M, GRAM_BWD_BLOCK_D, GRAM_BWD_BLOCK_K = 64, 64, 32
+CORR_BLOCK_D, CORR_BLOCK_N = 64, 32
+CORR_BWD_BLOCK_I, CORR_BWD_BLOCK_J, CORR_BWD_BLOCK_N = 32, 64, 32
+# The Gram forward splits its reduction over D so that a small N still fills the GPU.
+GRAM_TARGET_PROGRAMS = 128
+GRAM_MIN_SPLIT_WIDTH = 256
+
+
+@triton.jit
+def _load_standardized(z_ptr, rows, cols, stride_n, stride_d, N, D, mean, scale):
+    """``(z[rows, cols] - mean) * scale`` in float32; exactly 0 outside the (N, D) matrix."""
+    inside = (rows < N)[:, None] & (cols < D)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_d
+    z = tl.load(z_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    return tl.where(inside, (z - mean[None, :]) * scale[None, :], 0.0)
+
+
+@triton.jit
+def _column_scale(rstd_ptr, w_ptr, cols, D, HAS_WEIGHT: tl.constexpr):
+    """``r_i w_i`` for the columns ``cols`` (0 outside the matrix): the factor that turns ``z - μ`` into a or b."""
+    scale = tl.load(rstd_ptr + cols, mask=cols < D, other=0.0)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def _column_stats_kernel(
+    za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, diag_ptr,
+    N, D, stride_an, stride_ad, stride_bn, stride_bd, eps,
+    HAS_WEIGHT: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per column: ``μ`` and ``r`` of both views, and the diagonal ``c_ii = w_i² r_a,i r_b,i Σ_n (z_a - μ_a)(z_b - μ_b) / N``.
+
+    Two passes over the rows (mean, then centred moments) so the variance does not cancel.
+    """
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    sum_a, sum_b = zero, zero
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        sum_a += tl.sum(_load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, zero, zero + 1.0), axis=0)
+        sum_b += tl.sum(_load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, zero, zero + 1.0), axis=0)
+    mean_a, mean_b = sum_a / N, sum_b / N
+    ss_a, ss_b, cross = zero, zero, zero
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        ca = _load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, mean_a, zero + 1.0)
+        cb = _load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, mean_b, zero + 1.0)
+        ss_a += tl.sum(ca * ca, axis=0)
+        ss_b += tl.sum(cb * cb, axis=0)
+        cross += tl.sum(ca * cb, axis=0)
+    if UNBIASED:
+        var_a, var_b = ss_a / (N - 1), ss_b / (N - 1)
+    else:
+        var_a, var_b = ss_a / N + eps, ss_b / N + eps
+    # Columns past D get 1 (never stored); a constant column gives inf and a non-finite loss, as in PyTorch.
+    rstd_a = 1.0 / tl.sqrt(tl.where(col_mask, var_a, 1.0))
+    rstd_b = 1.0 / tl.sqrt(tl.where(col_mask, var_b, 1.0))
+    diag = cross * rstd_a * rstd_b / N
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        diag = diag * w * w
+    tl.store(mean_a_ptr + cols, mean_a, mask=col_mask)
+    tl.store(rstd_a_ptr + cols, rstd_a, mask=col_mask)
+    tl.store(mean_b_ptr + cols, mean_b, mask=col_mask)
+    tl.store(rstd_b_ptr + cols, rstd_b, mask=col_mask)
+    tl.store(diag_ptr + cols, diag, mask=col_mask)
+
+
+@triton.jit
+def _gram_kernel(
+    za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, gram_a_ptr, gram_b_ptr,
+    N, D, stride_an, stride_ad, stride_bn, stride_bd, split_width,
+    HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Gram path forward: the (I, J) tile of ``a aᵀ`` and ``b bᵀ`` over one slice of the D columns.
+
+    ``gram[s, I, J] = Σ_{k in slice s} a[I, k] a[J, k]ᵀ`` (and the same for b); the host sums the slices
+    and forms ``F = ⟨a aᵀ, b bᵀ⟩``. Standardisation and weight are applied to each tile as it is loaded.
+    """
+    pid_i, pid_j, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc_a = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    k_end = tl.minimum(split * split_width + split_width, D)
+    for k_start in range(split * split_width, k_end, BLOCK_K):
+        cols = k_start + tl.arange(0, BLOCK_K)
+        cols_in = cols < k_end
+        mean = tl.load(mean_a_ptr + cols, mask=cols_in, other=0.0)
+        scale = tl.where(cols_in, _column_scale(rstd_a_ptr, w_ptr, cols, D, HAS_WEIGHT), 0.0)
+        a_i = _load_standardized(za_ptr, rows_i, cols, stride_an, stride_ad, N, D, mean, scale)
+        a_j = _load_standardized(za_ptr, rows_j, cols, stride_an, stride_ad, N, D, mean, scale)
+        acc_a += tl.dot(a_i, tl.trans(a_j), input_precision="ieee")
+        mean = tl.load(mean_b_ptr + cols, mask=cols_in, other=0.0)
+        scale = tl.where(cols_in, _column_scale(rstd_b_ptr, w_ptr, cols, D, HAS_WEIGHT), 0.0)
+        b_i = _load_standardized(zb_ptr, rows_i, cols, stride_bn, stride_bd, N, D, mean, scale)
+        b_j = _load_standardized(zb_ptr, rows_j, cols, stride_bn, stride_bd, N, D, mean, scale)
+        acc_b += tl.dot(b_i, tl.trans(b_j), input_precision="ieee")
+    out = split.to(tl.int64) * N * N + rows_i.to(tl.int64)[:, None] * N + rows_j[None, :]
+    inside = (rows_i < N)[:, None] & (rows_j < N)[None, :]
+    tl.store(gram_a_ptr + out, acc_a, mask=inside)
+    tl.store(gram_b_ptr + out, acc_b, mask=inside)
+
+
+@triton.jit
+def _gram_backward_kernel(
+    z_self_ptr, z_other_ptr, w_ptr, mean_s_ptr, rstd_s_ptr, mean_o_ptr, rstd_o_ptr, gram_o_ptr, kappa_ptr,
+    out_ptr, N, D, stride_sn, stride_sd, stride_on, stride_od, s,
+    HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Gram path: one (rows, cols) tile of ``T_self = κ ⊙ other + s · (other otherᵀ) self``.
+
+    ``other otherᵀ`` is the stored N × N Gram matrix; ``self`` is standardised as it is loaded. Launched
+    once with (self, other) = (a, b) and once with (b, a). Writes float32 ``T`` (``∂L/∂a`` or ``∂L/∂b``).
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mean_s = tl.load(mean_s_ptr + cols, mask=cols < D, other=0.0)
+    scale_s = _column_scale(rstd_s_ptr, w_ptr, cols, D, HAS_WEIGHT)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k_start in range(0, N, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        gram_mask = (rows < N)[:, None] & (ks < N)[None, :]
+        gram = tl.load(gram_o_ptr + rows.to(tl.int64)[:, None] * N + ks[None, :], mask=gram_mask, other=0.0)
+        x_self = _load_standardized(z_self_ptr, ks, cols, stride_sn, stride_sd, N, D, mean_s, scale_s)
+        acc += tl.dot(gram, x_self, input_precision="ieee")
+    mean_o = tl.load(mean_o_ptr + cols, mask=cols < D, other=0.0)
+    scale_o = _column_scale(rstd_o_ptr, w_ptr, cols, D, HAS_WEIGHT)
+    x_other = _load_standardized(z_other_ptr, rows, cols, stride_on, stride_od, N, D, mean_o, scale_o)
+    kappa = tl.load(kappa_ptr + cols, mask=cols < D, other=0.0)
+    t = kappa[None, :] * x_other + s * acc
+    inside = (rows < N)[:, None] & (cols < D)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], t, mask=inside)
+
+
+@triton.jit
+def _cross_corr_sq_kernel(
+    za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, partial_ptr,
+    N, D, stride_an, stride_ad, stride_bn, stride_bd,
+    HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Tiled C path forward: ``partial[I, J] = ‖a[:, I]ᵀ b[:, J]‖²_F`` for one D-block tile of C.
+
+    The tile is accumulated over the N rows in registers and reduced to one number in the epilogue; the
+    host sums the partials (a fixed order, so the result is deterministic) into ``F``.
+    """
+    pid_i, pid_j = tl.program_id(0), tl.program_id(1)
+    cols_i = pid_i * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols_j = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mean_i = tl.load(mean_a_ptr + cols_i, mask=cols_i < D, other=0.0)
+    scale_i = _column_scale(rstd_a_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
+    mean_j = tl.load(mean_b_ptr + cols_j, mask=cols_j < D, other=0.0)
+    scale_j = _column_scale(rstd_b_ptr, w_ptr, cols_j, D, HAS_WEIGHT)
+    tile = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        a = _load_standardized(za_ptr, rows, cols_i, stride_an, stride_ad, N, D, mean_i, scale_i)
+        b = _load_standardized(zb_ptr, rows, cols_j, stride_bn, stride_bd, N, D, mean_j, scale_j)
+        tile += tl.dot(tl.trans(a), b, input_precision="ieee")
+    tl.store(partial_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(tile * tile, axis=1), axis=0))
+
+
+@triton.jit
+def _cross_corr_backward_kernel(
+    z_self_ptr, z_other_ptr, w_ptr, mean_s_ptr, rstd_s_ptr, mean_o_ptr, rstd_o_ptr, kappa_ptr, out_ptr,
+    N, D, stride_sn, stride_sd, stride_on, stride_od, s,
+    HAS_WEIGHT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Tiled C path: the columns I of ``T_self = κ ⊙ other + s · other (otherᵀ self)``, flash-style.
+
+    For every column block J the (J, I) tile ``K = other[:, J]ᵀ self[:, I]`` is recomputed over the rows
+    (never stored), then ``T[:, I] += s · other[:, J] K``. The program owns the columns I of ``T``, so the
+    read-modify-write needs no atomics and the sum order is fixed. Launched once per view, like the Gram
+    kernel.
+    """
+    cols_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mean_si = tl.load(mean_s_ptr + cols_i, mask=cols_i < D, other=0.0)
+    scale_si = _column_scale(rstd_s_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
+    mean_oi = tl.load(mean_o_ptr + cols_i, mask=cols_i < D, other=0.0)
+    scale_oi = _column_scale(rstd_o_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
+    kappa = tl.load(kappa_ptr + cols_i, mask=cols_i < D, other=0.0)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        x_other = _load_standardized(z_other_ptr, rows, cols_i, stride_on, stride_od, N, D, mean_oi, scale_oi)
+        inside = (rows < N)[:, None] & (cols_i < D)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols_i[None, :], kappa[None, :] * x_other, mask=inside)
+    tl.debug_barrier()
+    for j_start in range(0, D, BLOCK_J):
+        cols_j = j_start + tl.arange(0, BLOCK_J)
+        mean_oj = tl.load(mean_o_ptr + cols_j, mask=cols_j < D, other=0.0)
+        scale_oj = _column_scale(rstd_o_ptr, w_ptr, cols_j, D, HAS_WEIGHT)
+        tile = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
+            x_self = _load_standardized(z_self_ptr, rows, cols_i, stride_sn, stride_sd, N, D, mean_si, scale_si)
+            tile += tl.dot(tl.trans(x_other), x_self, input_precision="ieee")
+        for start in range(0, N, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
+            inside = (rows < N)[:, None] & (cols_i < D)[None, :]
+            t_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols_i[None, :]
+            t = tl.load(t_ptrs, mask=inside, other=0.0) + s * tl.dot(x_other, tile, input_precision="ieee")
+            tl.store(t_ptrs, t, mask=inside)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _standardize_backward_kernel(
+    za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, ta_ptr, tb_ptr, grad_out_ptr,
+    grad_za_ptr, grad_zb_ptr, grad_w_ptr,
+    N, D, stride_an, stride_ad, stride_bn, stride_bd, k,
+    HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """From ``T = ∂L/∂a`` (and ∂L/∂b) to ``∂out/∂z`` and ``∂out/∂w`` through the weight and standardisation.
+
+    Pass 1 reduces ``Σ_n h``, ``Σ_n h ẑ`` and ``Σ_n T ẑ`` per column; pass 2 writes
+    ``r (h - mean h - ẑ Σ h ẑ / k)`` in the output dtype. ``T`` may share memory with the output (float32
+    inputs): pass 2 reads each element before overwriting it, after pass 1's reductions are complete.
+    """
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    g = tl.load(grad_out_ptr).to(tl.float32)
+    w = tl.full((BLOCK_D,), 1.0, dtype=tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mean_a = tl.load(mean_a_ptr + cols, mask=col_mask, other=0.0)
+    rstd_a = tl.load(rstd_a_ptr + cols, mask=col_mask, other=0.0)
+    mean_b = tl.load(mean_b_ptr + cols, mask=col_mask, other=0.0)
+    rstd_b = tl.load(rstd_b_ptr + cols, mask=col_mask, other=0.0)
+    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    h_sum_a, h_proj_a, h_sum_b, h_proj_b = zero, zero, zero, zero
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        inside = (rows < N)[:, None] & col_mask[None, :]
+        t_offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        ta = tl.load(ta_ptr + t_offsets, mask=inside, other=0.0)
+        tb = tl.load(tb_ptr + t_offsets, mask=inside, other=0.0)
+        za_hat = _load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, mean_a, rstd_a)
+        zb_hat = _load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, mean_b, rstd_b)
+        h_sum_a += tl.sum(ta, axis=0)
+        h_proj_a += tl.sum(ta * za_hat, axis=0)
+        h_sum_b += tl.sum(tb, axis=0)
+        h_proj_b += tl.sum(tb * zb_hat, axis=0)
+    # T · w is h / g; the sums above are of T, so the weight enters here once per column.
+    grad_w = g * (h_proj_a + h_proj_b)
+    h_mean_a, h_coef_a = w * h_sum_a / N, w * h_proj_a / k
+    h_mean_b, h_coef_b = w * h_sum_b / N, w * h_proj_b / k
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        inside = (rows < N)[:, None] & col_mask[None, :]
+        t_offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        ta = tl.load(ta_ptr + t_offsets, mask=inside, other=0.0)
+        tb = tl.load(tb_ptr + t_offsets, mask=inside, other=0.0)
+        za_hat = _load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, mean_a, rstd_a)
+        zb_hat = _load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, mean_b, rstd_b)
+        ga = g * rstd_a[None, :] * (ta * w[None, :] - h_mean_a[None, :] - za_hat * h_coef_a[None, :])
+        gb = g * rstd_b[None, :] * (tb * w[None, :] - h_mean_b[None, :] - zb_hat * h_coef_b[None, :])
+        tl.store(grad_za_ptr + t_offsets, ga.to(grad_za_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_zb_ptr + t_offsets, gb.to(grad_zb_ptr.dtype.element_ty), mask=inside)
+    if HAS_WEIGHT:
+        tl.store(grad_w_ptr + cols, grad_w.to(grad_w_ptr.dtype.element_ty), mask=col_mask)
+
+
+def use_gram_path(n: int, d: int) -> bool:
+    """The Gram path costs O(N²D) and the tiled C path O(ND²): the smaller wins."""
+    return n < d
+
+
+def barlow_twins_forward(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    weight: torch.Tensor | None,
+    lambd: float,
+    unbiased: bool,
+    eps: float,
+    gram: bool | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the forward kernels. Returns ``(loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)``.
+
+    Everything is float32; ``loss`` is a 0-d tensor. The Gram matrices (N × N, saved for the backward) are
+    empty on the tiled C path. ``gram`` forces a path (``None``: :func:`use_gram_path`). Inputs may have
+    any strides; the caller has validated shapes, dtypes and devices.
+    """
+    n, d = z_a.shape
+    gram = use_gram_path(n, d) if gram is None else gram
+    f32 = dict(dtype=torch.float32, device=z_a.device)
+    mean_a, rstd_a, mean_b, rstd_b, diag = (torch.empty(d, **f32) for _ in range(5))
+    has_weight = weight is not None
+    w = weight if has_weight else diag  # any pointer; never read without HAS_WEIGHT
+    strides = (*z_a.stride(), *z_b.stride())
+    _column_stats_kernel[(triton.cdiv(d, STATS_BLOCK_D),)](
+        z_a, z_b, w, mean_a, rstd_a, mean_b, rstd_b, diag, n, d, *strides, eps,
+        HAS_WEIGHT=has_weight, UNBIASED=unbiased, BLOCK_N=STATS_BLOCK_N, BLOCK_D=STATS_BLOCK_D,
+    )
+    stats = (mean_a, rstd_a, mean_b, rstd_b)
+    if gram:
+        tiles = triton.cdiv(n, GRAM_BLOCK_M)
+        splits = max(1, min(triton.cdiv(GRAM_TARGET_PROGRAMS, tiles * tiles), d // GRAM_MIN_SPLIT_WIDTH))
+        split_width = triton.cdiv(triton.cdiv(d, splits), GRAM_BLOCK_K) * GRAM_BLOCK_K
+        splits = triton.cdiv(d, split_width)
+        parts_a = torch.empty(splits, n, n, **f32)
+        parts_b = torch.empty(splits, n, n, **f32)
+        _gram_kernel[(tiles, tiles, splits)](
+            z_a, z_b, w, *stats, parts_a, parts_b, n, d, *strides, split_width,
+            HAS_WEIGHT=has_weight, BLOCK_M=GRAM_BLOCK_M, BLOCK_K=GRAM_BLOCK_K,
+        )
+        gram_a, gram_b = parts_a.sum(0), parts_b.sum(0)
+        frobenius = torch.sum(gram_a * gram_b)
+    else:
+        tiles = triton.cdiv(d, CORR_BLOCK_D)
+        partial = torch.empty(tiles * tiles, **f32)
+        _cross_corr_sq_kernel[(tiles, tiles)](
+            z_a, z_b, w, *stats, partial, n, d, *strides,
+            HAS_WEIGHT=has_weight, BLOCK_D=CORR_BLOCK_D, BLOCK_N=CORR_BLOCK_N,
+        )
+        frobenius = partial.sum()
+        gram_a = gram_b = torch.empty(0, **f32)
+    loss = torch.sum(torch.square(1 - diag)) + lambd * (frobenius / (n * n) - torch.sum(torch.square(diag)))
+    return loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b
+
+
+def barlow_twins_backward(
+    grad_loss: torch.Tensor,
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    weight: torch.Tensor | None,
+    lambd: float,
+    unbiased: bool,
+    saved: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernels: ``(∂out/∂z_a, ∂out/∂z_b, ∂out/∂weight or None)``.
+
+    ``saved`` is ``(mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)`` from :func:`barlow_twins_forward`;
+    empty Gram matrices select the tiled C path. Gradients have the dtype of their input and are contiguous.
+    """
+    mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b = saved
+    n, d = z_a.shape
+    has_weight = weight is not None
+    w = weight if has_weight else diag
+    kappa = (-2 * (1 - diag) - 2 * lambd * diag) / n
+    s = 2 * lambd / (n * n)
+    grad_a = torch.empty(n, d, dtype=z_a.dtype, device=z_a.device)
+    grad_b = torch.empty(n, d, dtype=z_b.dtype, device=z_b.device)
+    # float32 gradients double as the workspace for T = ∂L/∂a, ∂L/∂b (the last kernel works in place).
+    t_a = grad_a if grad_a.dtype == torch.float32 else torch.empty(n, d, dtype=torch.float32, device=z_a.device)
+    t_b = grad_b if grad_b.dtype == torch.float32 else torch.empty(n, d, dtype=torch.float32, device=z_b.device)
+    views = (
+        (z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, gram_b, t_a),
+        (z_b, z_a, mean_b, rstd_b, mean_a, rstd_a, gram_a, t_b),
+    )
+    for z_self, z_other, mean_s, rstd_s, mean_o, rstd_o, gram_other, t in views:
+        strides = (*z_self.stride(), *z_other.stride())
+        if gram_other.numel():
+            grid = (triton.cdiv(n, GRAM_BWD_BLOCK_M), triton.cdiv(d, GRAM_BWD_BLOCK_D))
+            _gram_backward_kernel[grid](
+                z_self, z_other, w, mean_s, rstd_s, mean_o, rstd_o, gram_other, kappa, t, n, d, *strides, s,
+                HAS_WEIGHT=has_weight, BLOCK_M=GRAM_BWD_BLOCK_M, BLOCK_D=GRAM_BWD_BLOCK_D,
+                BLOCK_K=GRAM_BWD_BLOCK_K,
+            )
+        else:
+            _cross_corr_backward_kernel[(triton.cdiv(d, CORR_BWD_BLOCK_I),)](
+                z_self, z_other, w, mean_s, rstd_s, mean_o, rstd_o, kappa, t, n, d, *strides, s,
+                HAS_WEIGHT=has_weight, BLOCK_I=CORR_BWD_BLOCK_I, BLOCK_J=CORR_BWD_BLOCK_J,
+                BLOCK_N=CORR_BWD_BLOCK_N,
+            )
+    grad_w = torch.empty(d, dtype=weight.dtype, device=weight.device) if has_weight else None
+    _standardize_backward_kernel[(triton.cdiv(d, STATS_BLOCK_D),)](
+        z_a, z_b, w, mean_a, rstd_a, mean_b, rstd_b, t_a, t_b, grad_loss, grad_a, grad_b,
+        grad_w if has_weight else diag, n, d, *z_a.stride(), *z_b.stride(), n - 1 if unbiased else n,
+        HAS_WEIGHT=has_weight, BLOCK_N=STATS_BLOCK_N, BLOCK_D=STATS_BLOCK_D,
+    )
+    return grad_a, grad_b, grad_w

@@ -1,0 +1,101 @@
+"""The fused Triton Barlow Twins loss as ``torch.library`` custom ops with autograd.
+
+``metamask_fast::barlow_twins_fused`` runs the forward kernels of :mod:`metamask_fast.kernels.barlow_twins`
+and returns the loss with the float32 statistics the backward needs; ``metamask_fast::barlow_twins_fused_backward``
+runs the backward kernels. Both have fake implementations, so ``torch.compile(fullgraph=True)`` traces
+through them as opaque ops. This module imports Triton, so :mod:`metamask_fast.functional` imports it only
+when the Triton backend is used (``TRITON_INTERPRET=1`` must be set before that first use to run the
+kernels on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metamask_fast.kernels import barlow_twins as kernels
+
+SUPPORTED_DTYPES = kernels.SUPPORTED_DTYPES
+
+
+def kernels_run_on_cpu() -> bool:
+    """Whether the kernels were built by Triton's interpreter (``TRITON_INTERPRET=1``), which runs CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernels._column_stats_kernel, InterpretedFunction)
+
+
+def _float32_like(z: Tensor, *shape: int) -> Tensor:
+    return z.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("metamask_fast::barlow_twins_fused", mutates_args=())
+def barlow_twins_fused(
+    z_a: Tensor, z_b: Tensor, weight: Tensor | None, lambd: float, unbiased: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)``, all float32; see the kernels module."""
+    loss, *saved = kernels.barlow_twins_forward(z_a, z_b, weight, lambd, unbiased, eps)
+    gram_a, gram_b = saved[-2:]
+    if gram_a.numel() == 0:  # tiled C path: two distinct empty outputs (custom ops may not alias outputs)
+        saved[-1] = _float32_like(z_a, 0)
+    return (loss, *saved)
+
+
+@barlow_twins_fused.register_fake
+def _barlow_twins_fused_fake(z_a, z_b, weight, lambd, unbiased, eps):
+    n, d = z_a.shape
+    gram_side = n if kernels.use_gram_path(n, d) else 0
+    gram_shape = (gram_side, gram_side) if gram_side else (0,)
+    return (
+        _float32_like(z_a),
+        *(_float32_like(z_a, d) for _ in range(5)),
+        _float32_like(z_a, *gram_shape),
+        _float32_like(z_a, *gram_shape),
+    )
+
+
+@torch.library.custom_op("metamask_fast::barlow_twins_fused_backward", mutates_args=())
+def barlow_twins_fused_backward(
+    grad_loss: Tensor,
+    z_a: Tensor,
+    z_b: Tensor,
+    weight: Tensor | None,
+    lambd: float,
+    unbiased: bool,
+    mean_a: Tensor,
+    rstd_a: Tensor,
+    mean_b: Tensor,
+    rstd_b: Tensor,
+    diag: Tensor,
+    gram_a: Tensor,
+    gram_b: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(∂/∂z_a, ∂/∂z_b, ∂/∂weight)``; the last is empty when ``weight`` is None."""
+    saved = (mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)
+    grad_loss = grad_loss.to(torch.float32).contiguous()
+    grad_a, grad_b, grad_w = kernels.barlow_twins_backward(grad_loss, z_a, z_b, weight, lambd, unbiased, saved)
+    return grad_a, grad_b, grad_w if grad_w is not None else z_a.new_empty(0)
+
+
+@barlow_twins_fused_backward.register_fake
+def _barlow_twins_fused_backward_fake(grad_loss, z_a, z_b, weight, lambd, unbiased, *saved):
+    grad_w = torch.empty_like(weight) if weight is not None else z_a.new_empty(0)
+    return z_a.new_empty(z_a.shape), z_b.new_empty(z_b.shape), grad_w
+
+
+def _setup_context(ctx, inputs, output):
+    z_a, z_b, weight, lambd, unbiased, _eps = inputs
+    ctx.save_for_backward(z_a, z_b, weight, *output[1:])
+    ctx.lambd, ctx.unbiased = lambd, unbiased
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    z_a, z_b, weight, *saved = ctx.saved_tensors
+    grad_a, grad_b, grad_w = barlow_twins_fused_backward(
+        grad_loss, z_a, z_b, weight, ctx.lambd, ctx.unbiased, *saved
+    )
+    return grad_a, grad_b, grad_w if weight is not None else None, None, None, None
+
+
+barlow_twins_fused.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,248 @@
+"""The fused Triton Barlow Twins loss against the float64 transcription of SPEC §1 (``test_functional``).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter: ``TRITON_INTERPRET=1`` is set below,
+at collection, before the first Triton call of the process builds the kernels. Every test here runs the
+Triton path itself; the ones that need a GPU say so and skip cleanly without one.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from test_functional import reference_barlow_twins  # noqa: E402  (one oracle for both backends)
+
+from metamask_fast import _fused_loss  # noqa: E402
+from metamask_fast.functional import barlow_twins_loss, nt_xent_loss  # noqa: E402
+from metamask_fast.kernels import barlow_twins as kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Odd shapes: both paths (N < D: Gram, N >= D: tiled C), ragged tiles, a split Gram reduction (20, 600),
+# several C tiles (130, 97) and tiny matrices. (N = 2 has its own test: its gradient is exactly zero.)
+SHAPES = [(37, 70), (64, 33), (5, 129), (20, 600), (130, 97), (3, 2)]
+UPSTREAM = -1.7
+
+_INPUTS = torch.Generator().manual_seed(3)
+
+
+def inputs(shape, dtype=torch.float32, weighted=False):
+    """Correlated views with offsets and scales (so the standardisation matters) and an optional weight."""
+    n, d = shape
+    z_a = torch.randn(n, d, generator=_INPUTS, dtype=torch.float64) * 2 + 0.7
+    z_b = 0.6 * z_a + torch.randn(n, d, generator=_INPUTS, dtype=torch.float64)
+    weight = torch.rand(d, generator=_INPUTS, dtype=torch.float64) + 0.2 if weighted else None
+    cast = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)  # noqa: E731
+    return cast(z_a), cast(z_b), cast(weight)
+
+
+def float64_reference(z_a, z_b, weight, lambd, normalize, upstream=UPSTREAM):
+    """Loss and gradients of the transcription, in float64 on the CPU, from the very same input values."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (z_a, z_b) + ((weight,) if weight is not None else ())]
+    loss = reference_barlow_twins(leaves[0], leaves[1], lambd, leaves[2] if weight is not None else None, normalize)
+    return loss.detach(), torch.autograd.grad(loss * upstream, leaves)
+
+
+def relative_error(got, want):
+    return ((got.detach().cpu().double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def triton_loss_and_grads(z_a, z_b, weight, lambd, normalize, upstream=UPSTREAM):
+    leaves = [t.clone().requires_grad_() for t in (z_a, z_b) + ((weight,) if weight is not None else ())]
+    loss = barlow_twins_loss(
+        leaves[0], leaves[1], lambd, weight=leaves[2] if weight is not None else None,
+        normalize=normalize, backend="triton",
+    )
+    assert "barlow_twins_fused" in type(loss.grad_fn).__name__ or "barlow_twins_fused" in str(
+        loss.grad_fn.next_functions
+    ), "the Triton op was not called"
+    return loss, torch.autograd.grad(loss * upstream, leaves)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-D{d}" for n, d in SHAPES])
+@pytest.mark.parametrize("normalize", ["std", "bn"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
+def test_triton_loss_and_gradients_match_float64(shape, normalize, weighted):
+    z_a, z_b, weight = inputs(shape, weighted=weighted)
+    lambd = 0.0137
+    loss, grads = triton_loss_and_grads(z_a, z_b, weight, lambd, normalize)
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, lambd, normalize)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert relative_error(loss, want_loss) <= 1e-4
+    for name, got, want in zip(["z_a", "z_b", "weight"], grads, want_grads):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert relative_error(got, want) <= 1e-4, name
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (64, 33), (20, 600)], ids=["N37-D70", "N64-D33", "N20-D600"])
+@pytest.mark.parametrize("gram", [True, False], ids=["gram-path", "tiled-C-path"])
+def test_both_paths_on_the_same_shape(shape, gram):
+    # The op picks the path by shape; the host functions take it forced, so each path meets both regimes.
+    z_a, z_b, weight = inputs(shape, weighted=True)
+    loss, *saved = kernels.barlow_twins_forward(z_a, z_b, weight, 5e-3, True, 1e-5, gram=gram)
+    assert (saved[-1].numel() > 0) == gram
+    upstream = torch.tensor(UPSTREAM, device=DEVICE)
+    grads = kernels.barlow_twins_backward(upstream, z_a, z_b, weight, 5e-3, True, tuple(saved))
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "std")
+    assert relative_error(loss, want_loss) <= 1e-4
+    for got, want in zip(grads, want_grads):
+        assert relative_error(got, want) <= 1e-4
+
+
+# Half precision: the inputs are rounded, the arithmetic is float32, the outputs are rounded back.
+HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOLERANCE), ids=str)
+@pytest.mark.parametrize("shape", [(37, 70), (64, 33)], ids=["N37-D70", "N64-D33"])
+def test_half_precision_inputs(dtype, shape):
+    z_a, z_b, weight = inputs(shape, dtype=dtype, weighted=True)
+    loss, grads = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "bn")
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "bn")
+    assert loss.dtype == dtype
+    assert relative_error(loss, want_loss) <= HALF_TOLERANCE[dtype]
+    for got, want in zip(grads, want_grads):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert relative_error(got, want) <= HALF_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (64, 33)], ids=["N37-D70", "N64-D33"])
+def test_strided_inputs(shape):
+    # Every-other column of a wider matrix and a column-major (transposed) matrix: the kernels take strides.
+    n, d = shape
+    wide, _, weight = inputs((n, 2 * d), weighted=True)
+    z_a = wide[:, ::2]
+    z_b = inputs((d, n))[0].T
+    weight = weight[::2]
+    assert not z_a.is_contiguous() and not z_b.is_contiguous() and not weight.is_contiguous()
+    loss, grads = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "std")
+    assert relative_error(loss, want_loss) <= 1e-4
+    for got, want in zip(grads, want_grads):
+        assert relative_error(got, want) <= 1e-4
+
+
+def test_two_samples():
+    # With N = 2 every standardised column is ±1/√2 whatever the input, so the gradient is zero.
+    z_a, z_b, weight = inputs((2, 5), weighted=True)
+    loss, grads = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "std")
+    assert relative_error(loss, want_loss) <= 1e-4
+    assert want_grads[0].abs().max() < 1e-12
+    for got in grads[:2]:
+        assert got.abs().max() <= 1e-5
+    assert relative_error(grads[2], want_grads[2]) <= 1e-4
+
+
+def test_deterministic():
+    z_a, z_b, weight = inputs((64, 33), weighted=True)
+    first = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
+    second = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (64, 33)], ids=["N37-D70", "N64-D33"])
+def test_torch_compile_fullgraph(shape):
+    z_a, z_b, weight = inputs(shape, weighted=True)
+    # Inductor on a GPU; on the CPU the interpreted kernels run under the graph that aot_eager traces.
+    compiled = torch.compile(
+        lambda a, b, w: barlow_twins_loss(a, b, weight=w, backend="triton") * UPSTREAM,
+        fullgraph=True,
+        backend="inductor" if DEVICE == "cuda" else "aot_eager",
+    )
+    leaves = [t.clone().requires_grad_() for t in (z_a, z_b, weight)]
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "std")
+    assert relative_error(got, want_loss * UPSTREAM) <= 1e-4
+    for g, w in zip(got_grads, want_grads):
+        assert relative_error(g, w) <= 1e-4
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
+def test_opcheck(weighted):
+    for shape, unbiased in [((37, 70), True), ((64, 33), False)]:
+        z_a, z_b, weight = inputs(shape, weighted=weighted)
+        args = (z_a.requires_grad_(), z_b.requires_grad_(), weight, 5e-3, unbiased, 1e-5)
+        torch.library.opcheck(_fused_loss.barlow_twins_fused, args)
+
+
+def test_auto_uses_triton_only_on_cuda(monkeypatch):
+    z_a, z_b, _ = inputs((37, 70))
+    calls = []
+    real = _fused_loss.barlow_twins_fused
+    monkeypatch.setattr(_fused_loss, "barlow_twins_fused", lambda *a: calls.append(1) or real(*a))
+    barlow_twins_loss(z_a, z_b, backend="auto")
+    assert calls == ([1] if DEVICE == "cuda" else [])
+    monkeypatch.setenv("METAMASK_FAST_BACKEND", "triton")
+    barlow_twins_loss(z_a, z_b)
+    assert len(calls) == (2 if DEVICE == "cuda" else 1)
+    # NT-Xent has no Triton kernel: the environment's preference leaves it on PyTorch.
+    assert torch.isfinite(nt_xent_loss(z_a, z_b))
+
+
+def test_bad_input_on_the_triton_backend():
+    z = inputs((4, 3))[0]
+    with pytest.raises(TypeError, match="z_a: backend='triton'.*float64"):
+        barlow_twins_loss(z.double(), z.double(), backend="triton")
+    with pytest.raises(ValueError, match="at least 2"):
+        barlow_twins_loss(z[:1], z[:1], backend="triton")
+    with pytest.raises(ValueError, match="dimension"):
+        barlow_twins_loss(z[:, :0], z[:, :0], backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        barlow_twins_loss(z, z.half(), backend="triton")
+    with pytest.raises(ValueError, match="same shape"):
+        barlow_twins_loss(z, z[:, :2], backend="triton")
+    with pytest.raises(ValueError, match="weight"):
+        barlow_twins_loss(z, z, weight=torch.ones(4, device=DEVICE), backend="triton")
+    with pytest.raises(RuntimeError, match="no Triton kernel"):
+        nt_xent_loss(z, z, backend="triton")
+
+
+def test_cpu_tensor_without_interpreter_is_a_clear_error():
+    # A fresh process without TRITON_INTERPRET: the kernels are compiled ones, which cannot take CPU tensors.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch\n"
+        "from metamask_fast.functional import barlow_twins_loss\n"
+        "try:\n"
+        "    barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 3), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "backend='triton' cannot run" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(512, 2048), (256, 8192), (1100, 300)], ids=["N512-D2048", "N256-D8192", "N1100-D300"])
+def test_gpu_real_sizes_match_float64(shape):
+    z_a, z_b, weight = inputs(shape, weighted=True)
+    loss, grads = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "std")
+    assert relative_error(loss, want_loss) <= 1e-4
+    for got, want in zip(grads, want_grads):
+        assert relative_error(got, want) <= 1e-4
+
+
+@needs_gpu
+def test_gpu_peak_memory_has_no_d_by_d_tensor():
+    n, d = 512, 8192
+    z_a, z_b, _ = inputs((n, d))
+    z_a.requires_grad_()
+    z_b.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    barlow_twins_loss(z_a, z_b, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < d * d * 4 / 4, f"{extra / 2**20:.1f} MB: as much as a quarter of a D × D float32 matrix"
