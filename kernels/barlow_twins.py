@@ -27,8 +27,10 @@ and through the weight and the standardisation, with ``T = ∂L/∂a`` and ``h =
     ∂L/∂w_i   = g Σ_n (T_a ⊙ ẑ_a + T_b ⊙ ẑ_b)_ni
     ∂L/∂z_ni  = r_i (h_ni - mean_n h_ni - ẑ_ni Σ_m h_mi ẑ_mi / k),    k = N - 1 ("std") or N ("bn")
 
-All arithmetic is float32 whatever the input dtype (float32, bfloat16, float16); ``tl.dot`` runs in IEEE
-float32 (no TF32), so the kernels agree with a float64 reference to float32 rounding. The host functions
+All arithmetic is float32 whatever the input dtype (float32, bfloat16, float16). ``tl.dot`` runs as
+``"tf32x3"`` (:data:`DOT_PRECISION`): three TF32 tensor-core products per float32 product, float32
+accuracy (plain TF32 would round every operand to 10 bits), so the kernels agree with a float64
+reference to float32 rounding. The host functions
 at the bottom launch the kernels; they hold no state and register nothing (``metamask_fast._fused_loss``
 turns them into a ``torch.library`` custom op with autograd).
 """
@@ -43,6 +45,7 @@ __all__ = ["barlow_twins_forward", "barlow_twins_backward", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+DOT_PRECISION = tl.constexpr("tf32x3")  # a constexpr: jitted code may read only constexpr globals
 # Tile sizes. tl.dot needs every dimension >= 16; masks handle the ragged edges.
 STATS_BLOCK_N, STATS_BLOCK_D = 64, 64
 GRAM_BLOCK_M, GRAM_BLOCK_K = 64, 32
@@ -126,31 +129,38 @@ def _gram_kernel(
     """Gram path forward: the (I, J) tile of ``a aᵀ`` and ``b bᵀ`` over one slice of the D columns.
 
     ``gram[s, I, J] = Σ_{k in slice s} a[I, k] a[J, k]ᵀ`` (and the same for b); the host sums the slices
-    and forms ``F = ⟨a aᵀ, b bᵀ⟩``. Standardisation and weight are applied to each tile as it is loaded.
+    and forms ``F = ⟨a aᵀ, b bᵀ⟩``. Both matrices are symmetric: programs with I ≤ J compute the tile and
+    store it at (I, J) and, transposed, at (J, I); the others return at once. Standardisation and weight
+    are applied to each tile as it is loaded.
     """
     pid_i, pid_j, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc_a = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-    k_end = tl.minimum(split * split_width + split_width, D)
-    for k_start in range(split * split_width, k_end, BLOCK_K):
-        cols = k_start + tl.arange(0, BLOCK_K)
-        cols_in = cols < k_end
-        mean = tl.load(mean_a_ptr + cols, mask=cols_in, other=0.0)
-        scale = tl.where(cols_in, _column_scale(rstd_a_ptr, w_ptr, cols, D, HAS_WEIGHT), 0.0)
-        a_i = _load_standardized(za_ptr, rows_i, cols, stride_an, stride_ad, N, D, mean, scale)
-        a_j = _load_standardized(za_ptr, rows_j, cols, stride_an, stride_ad, N, D, mean, scale)
-        acc_a += tl.dot(a_i, tl.trans(a_j), input_precision="ieee")
-        mean = tl.load(mean_b_ptr + cols, mask=cols_in, other=0.0)
-        scale = tl.where(cols_in, _column_scale(rstd_b_ptr, w_ptr, cols, D, HAS_WEIGHT), 0.0)
-        b_i = _load_standardized(zb_ptr, rows_i, cols, stride_bn, stride_bd, N, D, mean, scale)
-        b_j = _load_standardized(zb_ptr, rows_j, cols, stride_bn, stride_bd, N, D, mean, scale)
-        acc_b += tl.dot(b_i, tl.trans(b_j), input_precision="ieee")
-    out = split.to(tl.int64) * N * N + rows_i.to(tl.int64)[:, None] * N + rows_j[None, :]
-    inside = (rows_i < N)[:, None] & (rows_j < N)[None, :]
-    tl.store(gram_a_ptr + out, acc_a, mask=inside)
-    tl.store(gram_b_ptr + out, acc_b, mask=inside)
+    if pid_i <= pid_j:
+        rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc_a = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        k_end = tl.minimum(split * split_width + split_width, D)
+        for k_start in range(split * split_width, k_end, BLOCK_K):
+            cols = k_start + tl.arange(0, BLOCK_K)
+            mean = tl.load(mean_a_ptr + cols, mask=cols < D, other=0.0)
+            scale = _column_scale(rstd_a_ptr, w_ptr, cols, D, HAS_WEIGHT)
+            a_i = _load_standardized(za_ptr, rows_i, cols, stride_an, stride_ad, N, D, mean, scale)
+            a_j = _load_standardized(za_ptr, rows_j, cols, stride_an, stride_ad, N, D, mean, scale)
+            acc_a += tl.dot(a_i, tl.trans(a_j), input_precision=DOT_PRECISION)
+            mean = tl.load(mean_b_ptr + cols, mask=cols < D, other=0.0)
+            scale = _column_scale(rstd_b_ptr, w_ptr, cols, D, HAS_WEIGHT)
+            b_i = _load_standardized(zb_ptr, rows_i, cols, stride_bn, stride_bd, N, D, mean, scale)
+            b_j = _load_standardized(zb_ptr, rows_j, cols, stride_bn, stride_bd, N, D, mean, scale)
+            acc_b += tl.dot(b_i, tl.trans(b_j), input_precision=DOT_PRECISION)
+        base = split.to(tl.int64) * N * N
+        inside = (rows_i < N)[:, None] & (rows_j < N)[None, :]
+        upper = base + rows_i.to(tl.int64)[:, None] * N + rows_j[None, :]
+        tl.store(gram_a_ptr + upper, acc_a, mask=inside)
+        tl.store(gram_b_ptr + upper, acc_b, mask=inside)
+        lower = base + rows_j.to(tl.int64)[:, None] * N + rows_i[None, :]
+        inside_t = (rows_j < N)[:, None] & (rows_i < N)[None, :]
+        tl.store(gram_a_ptr + lower, tl.trans(acc_a), mask=inside_t)
+        tl.store(gram_b_ptr + lower, tl.trans(acc_b), mask=inside_t)
 
 
 @triton.jit
@@ -174,7 +184,7 @@ def _gram_backward_kernel(
         gram_mask = (rows < N)[:, None] & (ks < N)[None, :]
         gram = tl.load(gram_o_ptr + rows.to(tl.int64)[:, None] * N + ks[None, :], mask=gram_mask, other=0.0)
         x_self = _load_standardized(z_self_ptr, ks, cols, stride_sn, stride_sd, N, D, mean_s, scale_s)
-        acc += tl.dot(gram, x_self, input_precision="ieee")
+        acc += tl.dot(gram, x_self, input_precision=DOT_PRECISION)
     mean_o = tl.load(mean_o_ptr + cols, mask=cols < D, other=0.0)
     scale_o = _column_scale(rstd_o_ptr, w_ptr, cols, D, HAS_WEIGHT)
     x_other = _load_standardized(z_other_ptr, rows, cols, stride_on, stride_od, N, D, mean_o, scale_o)
@@ -207,7 +217,7 @@ def _cross_corr_sq_kernel(
         rows = start + tl.arange(0, BLOCK_N)
         a = _load_standardized(za_ptr, rows, cols_i, stride_an, stride_ad, N, D, mean_i, scale_i)
         b = _load_standardized(zb_ptr, rows, cols_j, stride_bn, stride_bd, N, D, mean_j, scale_j)
-        tile += tl.dot(tl.trans(a), b, input_precision="ieee")
+        tile += tl.dot(tl.trans(a), b, input_precision=DOT_PRECISION)
     tl.store(partial_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(tile * tile, axis=1), axis=0))
 
 
@@ -245,13 +255,13 @@ def _cross_corr_backward_kernel(
             rows = start + tl.arange(0, BLOCK_N)
             x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
             x_self = _load_standardized(z_self_ptr, rows, cols_i, stride_sn, stride_sd, N, D, mean_si, scale_si)
-            tile += tl.dot(tl.trans(x_other), x_self, input_precision="ieee")
+            tile += tl.dot(tl.trans(x_other), x_self, input_precision=DOT_PRECISION)
         for start in range(0, N, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
             x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
             inside = (rows < N)[:, None] & (cols_i < D)[None, :]
             t_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols_i[None, :]
-            t = tl.load(t_ptrs, mask=inside, other=0.0) + s * tl.dot(x_other, tile, input_precision="ieee")
+            t = tl.load(t_ptrs, mask=inside, other=0.0) + s * tl.dot(x_other, tile, input_precision=DOT_PRECISION)
             tl.store(t_ptrs, t, mask=inside)
         tl.debug_barrier()
 
@@ -347,7 +357,8 @@ def barlow_twins_forward(
     stats = (mean_a, rstd_a, mean_b, rstd_b)
     if gram:
         tiles = triton.cdiv(n, GRAM_BLOCK_M)
-        splits = max(1, min(triton.cdiv(GRAM_TARGET_PROGRAMS, tiles * tiles), d // GRAM_MIN_SPLIT_WIDTH))
+        working_tiles = tiles * (tiles + 1) // 2  # the upper triangle
+        splits = max(1, min(triton.cdiv(GRAM_TARGET_PROGRAMS, working_tiles), d // GRAM_MIN_SPLIT_WIDTH))
         split_width = triton.cdiv(triton.cdiv(d, splits), GRAM_BLOCK_K) * GRAM_BLOCK_K
         splits = triton.cdiv(d, split_width)
         parts_a = torch.empty(splits, n, n, **f32)
