@@ -80,7 +80,7 @@ def test_triton_loss_and_gradients_match_float64(shape, normalize, weighted):
         assert relative_error(got, want) <= 1e-4, name
 
 
-@pytest.mark.parametrize("shape", [(37, 70), (64, 33), (20, 600)], ids=["N37-D70", "N64-D33", "N20-D600"])
+@pytest.mark.parametrize("shape", [(37, 70), (64, 33)], ids=["N37-D70", "N64-D33"])
 @pytest.mark.parametrize("gram", [True, False], ids=["gram-path", "tiled-C-path"])
 def test_both_paths_on_the_same_shape(shape, gram):
     # The op picks the path by shape; the host functions take it forced, so each path meets both regimes.
