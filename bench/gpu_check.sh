@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The checks for a lent GPU machine, as one script: OUT=<folder> bench/gpu_check.sh
+#
+# 1. builds and installs the package (CUDA kernels included) against the torch already there, offline;
+# 2. records nvidia-smi and the torch / CUDA / triton versions;
+# 3. runs the test files that hold the CUDA cases (continuing to the benchmarks if they fail);
+# 4. runs the CUDA loss benchmarks into $OUT/bench.json and $OUT/table.txt.
+# (The whole-step benchmark, bench/test_bench_step.py, is left to its own issue: it would not fit.)
+# Every stage has its own timeout; together they stay under 8 minutes. Logs and stage exit codes
+# ($OUT/summary.txt) land in $OUT. Exits non-zero if the build, the tests or a benchmark run failed.
+#
+# pytest is run through its console script from the repository root, never `python -m pytest`, which
+# would put the source tree on sys.path: the tests and benchmarks must import the installed package.
+set -euo pipefail
+: "${OUT:?set OUT to the output folder}"
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+
+# The compiled kernels, not the interpreter or a forced fallback.
+unset TRITON_INTERPRET METAMASK_FAST_NO_EXT METAMASK_FAST_BACKEND
+
+TESTS=(tests/test_triton_loss.py tests/test_ops.py)
+start=$SECONDS
+summary="$OUT/summary.txt"
+: >"$summary"
+record() { echo "$1 rc=$2 at ${SECONDS}s" | tee -a "$summary"; }
+
+# 1. Build and install (seconds: build 170, env 20, tests 140, losses 140, report 5 = 475).
+rc=0
+timeout -k 10 170 python -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check \
+    -v . >"$OUT/build.log" 2>&1 || rc=$?
+record build "$rc"
+if [[ $rc -ne 0 ]]; then
+    tail -n 60 "$OUT/build.log"
+    exit "$rc"
+fi
+
+# 2. The machine and the versions; from $OUT, so that the installed package is the one imported.
+{
+    nvidia-smi || true
+    command -v python pytest nvcc || true
+    nvcc --version || true
+    (cd "$OUT" && timeout 20 python -c '
+import torch, triton, metamask_fast, metamask_fast.ops as ops
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("metamask_fast from", metamask_fast.__file__)
+print("extension loaded:", ops.HAS_EXTENSION, getattr(ops, "_EXTENSION_ERROR", None))
+print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+')
+} >"$OUT/env.txt" 2>&1 || true
+cat "$OUT/env.txt"
+
+# 3. The tests with CUDA cases; -rs lists what was skipped and why.
+tests_rc=0
+timeout -k 10 140 pytest "${TESTS[@]}" -q -rs -p no:cacheprovider >"$OUT/tests.log" 2>&1 || tests_rc=$?
+record tests "$tests_rc"
+tail -n 40 "$OUT/tests.log"
+
+# 4. The CUDA benchmarks (their ids carry the device, so -k cuda selects them).
+bench_rc=0
+timeout -k 10 140 pytest bench/test_bench_losses.py --benchmark-only -k cuda -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || bench_rc=$?
+record bench_losses "$bench_rc"
+if [[ -s "$OUT/bench.json" ]]; then
+    timeout 5 python bench/report.py "$OUT/bench.json" >"$OUT/table.txt" 2>&1 || true
+    cat "$OUT/table.txt"
+else
+    tail -n 40 "$OUT/bench.log"
+fi
+
+echo "total $((SECONDS - start))s" | tee -a "$summary"
+if [[ $tests_rc -ne 0 || $bench_rc -ne 0 ]]; then
+    exit 1
+fi
