@@ -61,6 +61,7 @@ def _triton_suits(z: torch.Tensor) -> bool:
         and z.dtype in _TRITON_DTYPES
         and torch.cuda.get_device_capability(z.device) >= (8, 0)
         and importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec("metamask_fast.kernels") is not None
     )
 
 
@@ -73,6 +74,12 @@ def _triton_problem(z: torch.Tensor) -> str | None:
         )
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
+    if importlib.util.find_spec("metamask_fast.kernels") is None:
+        # kernels/ becomes metamask_fast.kernels only when installed; a checkout on sys.path lacks it.
+        return (
+            "metamask_fast.kernels is missing: this metamask_fast is a source checkout (e.g. `python -m` run "
+            "from the repository root); run from another folder to import the installed package"
+        )
     if isinstance(z, torch.Tensor) and z.device.type == "cpu":
         from metamask_fast import _fused_loss
 

@@ -206,7 +206,7 @@ def test_bad_input_on_the_triton_backend():
         nt_xent_loss(z, z, backend="triton")
 
 
-def test_cpu_tensor_without_interpreter_is_a_clear_error():
+def test_cpu_tensor_without_interpreter_is_a_clear_error(tmp_path):
     # A fresh process without TRITON_INTERPRET: the kernels are compiled ones, which cannot take CPU tensors.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
@@ -217,7 +217,10 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error():
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # From another folder, so that the installed package is imported, not a source checkout.
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "backend='triton' cannot run" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
 
@@ -256,3 +259,32 @@ def test_kernels_compile_for_the_h200():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ok ") == 36
+
+
+def test_source_checkout_without_kernels(tmp_path):
+    # A checkout on sys.path (`python -m` from the repository root) has no metamask_fast.kernels, which
+    # exists only once installed: "auto" runs PyTorch, "triton" says why it cannot run.
+    import shutil
+
+    import metamask_fast
+
+    shutil.copytree(
+        os.path.dirname(metamask_fast.__file__), tmp_path / "metamask_fast", ignore=shutil.ignore_patterns("kernels")
+    )
+    code = (
+        # An editable install maps metamask_fast.kernels wherever the package comes from: drop its finder.
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in str(getattr(f, '__module__', ''))]\n"
+        "import torch, metamask_fast\n"
+        "from metamask_fast.functional import barlow_twins_loss\n"
+        f"assert metamask_fast.__file__.startswith({str(tmp_path)!r}), metamask_fast.__file__\n"
+        "z = torch.randn(6, 4)\n"
+        "print('auto', float(barlow_twins_loss(z, z + 1, backend='auto')))\n"
+        "try:\n"
+        "    barlow_twins_loss(z, z, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "auto " in out.stdout and "source checkout" in out.stdout
