@@ -268,15 +268,15 @@ def _cross_corr_backward_kernel(
 
 @triton.jit
 def _standardize_backward_kernel(
-    za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, ta_ptr, tb_ptr, grad_out_ptr,
-    grad_za_ptr, grad_zb_ptr, grad_w_ptr,
-    N, D, stride_an, stride_ad, stride_bn, stride_bd, k,
-    HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    z_ptr, w_ptr, mean_ptr, rstd_ptr, t_ptr, grad_out_ptr, grad_z_ptr, grad_w_ptr,
+    N, D, stride_n, stride_d, k,
+    HAS_WEIGHT: tl.constexpr, ADD_TO_GRAD_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """From ``T = ∂L/∂a`` (and ∂L/∂b) to ``∂out/∂z`` and ``∂out/∂w`` through the weight and standardisation.
+    """From ``T = ∂L/∂a`` of one view to ``∂out/∂z`` and its share of ``∂out/∂w``.
 
-    Pass 1 reduces ``Σ_n h``, ``Σ_n h ẑ`` and ``Σ_n T ẑ`` per column; pass 2 writes
-    ``r (h - mean h - ẑ Σ h ẑ / k)`` in the output dtype. ``T`` may share memory with the output (float32
+    Pass 1 reduces ``Σ_n T`` and ``Σ_n T ẑ`` per column; pass 2 writes ``r (h - mean h - ẑ Σ h ẑ / k)``
+    with ``h = g T w``, in the output dtype. The weight's gradient ``g Σ_n T ẑ`` is stored (first view) or
+    added (second view, ``ADD_TO_GRAD_W``) in float32. ``T`` may share memory with the output (float32
     inputs): pass 2 reads each element before overwriting it, after pass 1's reductions are complete.
     """
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -285,42 +285,32 @@ def _standardize_backward_kernel(
     w = tl.full((BLOCK_D,), 1.0, dtype=tl.float32)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    mean_a = tl.load(mean_a_ptr + cols, mask=col_mask, other=0.0)
-    rstd_a = tl.load(rstd_a_ptr + cols, mask=col_mask, other=0.0)
-    mean_b = tl.load(mean_b_ptr + cols, mask=col_mask, other=0.0)
-    rstd_b = tl.load(rstd_b_ptr + cols, mask=col_mask, other=0.0)
-    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    h_sum_a, h_proj_a, h_sum_b, h_proj_b = zero, zero, zero, zero
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + cols, mask=col_mask, other=0.0)
+    t_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t_proj = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         inside = (rows < N)[:, None] & col_mask[None, :]
-        t_offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        ta = tl.load(ta_ptr + t_offsets, mask=inside, other=0.0)
-        tb = tl.load(tb_ptr + t_offsets, mask=inside, other=0.0)
-        za_hat = _load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, mean_a, rstd_a)
-        zb_hat = _load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, mean_b, rstd_b)
-        h_sum_a += tl.sum(ta, axis=0)
-        h_proj_a += tl.sum(ta * za_hat, axis=0)
-        h_sum_b += tl.sum(tb, axis=0)
-        h_proj_b += tl.sum(tb * zb_hat, axis=0)
-    # T · w is h / g; the sums above are of T, so the weight enters here once per column.
-    grad_w = g * (h_proj_a + h_proj_b)
-    h_mean_a, h_coef_a = w * h_sum_a / N, w * h_proj_a / k
-    h_mean_b, h_coef_b = w * h_sum_b / N, w * h_proj_b / k
-    for start in range(0, N, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        inside = (rows < N)[:, None] & col_mask[None, :]
-        t_offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        ta = tl.load(ta_ptr + t_offsets, mask=inside, other=0.0)
-        tb = tl.load(tb_ptr + t_offsets, mask=inside, other=0.0)
-        za_hat = _load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, mean_a, rstd_a)
-        zb_hat = _load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, mean_b, rstd_b)
-        ga = g * rstd_a[None, :] * (ta * w[None, :] - h_mean_a[None, :] - za_hat * h_coef_a[None, :])
-        gb = g * rstd_b[None, :] * (tb * w[None, :] - h_mean_b[None, :] - zb_hat * h_coef_b[None, :])
-        tl.store(grad_za_ptr + t_offsets, ga.to(grad_za_ptr.dtype.element_ty), mask=inside)
-        tl.store(grad_zb_ptr + t_offsets, gb.to(grad_zb_ptr.dtype.element_ty), mask=inside)
+        t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=inside, other=0.0)
+        z_hat = _load_standardized(z_ptr, rows, cols, stride_n, stride_d, N, D, mean, rstd)
+        t_sum += tl.sum(t, axis=0)
+        t_proj += tl.sum(t * z_hat, axis=0)
     if HAS_WEIGHT:
-        tl.store(grad_w_ptr + cols, grad_w.to(grad_w_ptr.dtype.element_ty), mask=col_mask)
+        grad_w = g * t_proj
+        if ADD_TO_GRAD_W:
+            grad_w += tl.load(grad_w_ptr + cols, mask=col_mask, other=0.0)
+        tl.store(grad_w_ptr + cols, grad_w, mask=col_mask)
+    # h = g T w, so mean h = g w Σ T / N and Σ h ẑ = g w Σ T ẑ; g is applied last.
+    h_mean, h_coef = w * t_sum / N, w * t_proj / k
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        inside = (rows < N)[:, None] & col_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        t = tl.load(t_ptr + offsets, mask=inside, other=0.0)
+        z_hat = _load_standardized(z_ptr, rows, cols, stride_n, stride_d, N, D, mean, rstd)
+        grad = g * rstd[None, :] * (t * w[None, :] - h_mean[None, :] - z_hat * h_coef[None, :])
+        tl.store(grad_z_ptr + offsets, grad.to(grad_z_ptr.dtype.element_ty), mask=inside)
 
 
 def use_gram_path(n: int, d: int) -> bool:
@@ -395,23 +385,29 @@ def barlow_twins_backward(
 
     ``saved`` is ``(mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)`` from :func:`barlow_twins_forward`;
     empty Gram matrices select the tiled C path. Gradients have the dtype of their input and are contiguous.
+    One view at a time: ``T`` of a float32 view is written into its gradient (the last kernel works in
+    place); the other dtypes share one float32 N × D workspace, so memory stays at the gradients plus N × D.
     """
     mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b = saved
     n, d = z_a.shape
     has_weight = weight is not None
-    w = weight if has_weight else diag
     kappa = (-2 * (1 - diag) - 2 * lambd * diag) / n
     s = 2 * lambd / (n * n)
-    grad_a = torch.empty(n, d, dtype=z_a.dtype, device=z_a.device)
-    grad_b = torch.empty(n, d, dtype=z_b.dtype, device=z_b.device)
-    # float32 gradients double as the workspace for T = ∂L/∂a, ∂L/∂b (the last kernel works in place).
-    t_a = grad_a if grad_a.dtype == torch.float32 else torch.empty(n, d, dtype=torch.float32, device=z_a.device)
-    t_b = grad_b if grad_b.dtype == torch.float32 else torch.empty(n, d, dtype=torch.float32, device=z_b.device)
+    grad_w = torch.empty(d, dtype=torch.float32, device=z_a.device) if has_weight else None
+    w = weight if has_weight else diag  # any pointer; never read without HAS_WEIGHT
+    workspace = None
     views = (
-        (z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, gram_b, t_a),
-        (z_b, z_a, mean_b, rstd_b, mean_a, rstd_a, gram_a, t_b),
+        (z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, gram_b),
+        (z_b, z_a, mean_b, rstd_b, mean_a, rstd_a, gram_a),
     )
-    for z_self, z_other, mean_s, rstd_s, mean_o, rstd_o, gram_other, t in views:
+    grads = []
+    for index, (z_self, z_other, mean_s, rstd_s, mean_o, rstd_o, gram_other) in enumerate(views):
+        grad = torch.empty(n, d, dtype=z_self.dtype, device=z_self.device)
+        if grad.dtype == torch.float32:
+            t = grad
+        else:
+            workspace = torch.empty(n, d, dtype=torch.float32, device=z_self.device) if workspace is None else workspace
+            t = workspace
         strides = (*z_self.stride(), *z_other.stride())
         if gram_other.numel():
             grid = (triton.cdiv(n, GRAM_BWD_BLOCK_M), triton.cdiv(d, GRAM_BWD_BLOCK_D))
@@ -426,10 +422,10 @@ def barlow_twins_backward(
                 HAS_WEIGHT=has_weight, BLOCK_I=CORR_BWD_BLOCK_I, BLOCK_J=CORR_BWD_BLOCK_J,
                 BLOCK_N=CORR_BWD_BLOCK_N,
             )
-    grad_w = torch.empty(d, dtype=weight.dtype, device=weight.device) if has_weight else None
-    _standardize_backward_kernel[(triton.cdiv(d, STATS_BLOCK_D),)](
-        z_a, z_b, w, mean_a, rstd_a, mean_b, rstd_b, t_a, t_b, grad_loss, grad_a, grad_b,
-        grad_w if has_weight else diag, n, d, *z_a.stride(), *z_b.stride(), n - 1 if unbiased else n,
-        HAS_WEIGHT=has_weight, BLOCK_N=STATS_BLOCK_N, BLOCK_D=STATS_BLOCK_D,
-    )
-    return grad_a, grad_b, grad_w
+        _standardize_backward_kernel[(triton.cdiv(d, STATS_BLOCK_D),)](
+            z_self, w, mean_s, rstd_s, t, grad_loss, grad, grad_w if has_weight else diag,
+            n, d, *z_self.stride(), n - 1 if unbiased else n,
+            HAS_WEIGHT=has_weight, ADD_TO_GRAD_W=index == 1, BLOCK_N=STATS_BLOCK_N, BLOCK_D=STATS_BLOCK_D,
+        )
+        grads.append(grad)
+    return grads[0], grads[1], grad_w.to(weight.dtype) if has_weight else None
