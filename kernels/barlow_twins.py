@@ -81,7 +81,7 @@ def _column_stats_kernel(
     N, D, stride_an, stride_ad, stride_bn, stride_bd, eps,
     HAS_WEIGHT: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per column: ``μ`` and ``r`` of both views, and the diagonal ``c_ii = w_i² r_a,i r_b,i Σ_n (z_a - μ_a)(z_b - μ_b) / N``.
+    """Per column: ``μ`` and ``r`` of both views, and ``c_ii = w_i² r_a,i r_b,i Σ_n (z_a - μ_a)(z_b - μ_b) / N``.
 
     Two passes over the rows (mean, then centred moments) so the variance does not cancel.
     """

@@ -54,7 +54,8 @@ def signature(kernel, constexprs, dtype):
 
 def main() -> int:
     failures = 0
-    for (kernel, constexprs), dtype, weighted in itertools.product(KERNELS.items(), ["fp32", "bf16", "fp16"], [False, True]):
+    cases = itertools.product(KERNELS.items(), ["fp32", "bf16", "fp16"], [False, True])
+    for (kernel, constexprs), dtype, weighted in cases:
         constexprs = dict(constexprs, HAS_WEIGHT=weighted)
         label = f"{kernel.__name__} {dtype} {'weight' if weighted else 'no-weight'}"
         try:

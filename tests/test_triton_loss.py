@@ -44,7 +44,8 @@ def inputs(shape, dtype=torch.float32, weighted=False):
 
 def float64_reference(z_a, z_b, weight, lambd, normalize, upstream=UPSTREAM):
     """Loss and gradients of the transcription, in float64 on the CPU, from the very same input values."""
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (z_a, z_b) + ((weight,) if weight is not None else ())]
+    given = (z_a, z_b) + ((weight,) if weight is not None else ())
+    leaves = [t.detach().cpu().double().requires_grad_() for t in given]
     loss = reference_barlow_twins(leaves[0], leaves[1], lambd, leaves[2] if weight is not None else None, normalize)
     return loss.detach(), torch.autograd.grad(loss * upstream, leaves)
 
@@ -226,7 +227,7 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(tmp_path):
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", [(512, 2048), (256, 4096), (1100, 300)], ids=["N512-D2048", "N256-D4096", "N1100-D300"])
+@pytest.mark.parametrize("shape", [(512, 2048), (256, 4096), (1100, 300)], ids=lambda s: f"N{s[0]}-D{s[1]}")
 def test_gpu_real_sizes_match_float64(shape):
     z_a, z_b, weight = inputs(shape, weighted=True)
     loss, grads = triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
@@ -288,3 +289,48 @@ def test_source_checkout_without_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "auto " in out.stdout and "source checkout" in out.stdout
+
+
+def test_metamask_step_on_the_triton_loss(monkeypatch):
+    # The training step picks its loss backend like any caller: forced to Triton through the environment,
+    # two float32 steps give the weights and mask of the PyTorch path (the BT head's gradients come from
+    # the fused backward).
+    import copy
+
+    from torch import nn
+
+    from metamask_fast.meta import MetaMaskStep
+    from metamask_fast.models import MetaMaskModel
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(20, 11), nn.BatchNorm1d(11), nn.ReLU())
+    reference = MetaMaskModel(backbone, 11, bt_dims=(19, 19, 23), cl_dims=(13, 7)).to(DEVICE)
+    fused = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randn(9, 20, generator=g).to(DEVICE) for _ in range(2)) for _ in range(2)]
+
+    def train(model, backend):
+        monkeypatch.setenv("METAMASK_FAST_BACKEND", backend)
+        network = [p for name, p in model.named_parameters() if not name.startswith("mask.")]
+        step = MetaMaskStep(
+            model,
+            torch.optim.SGD(network, lr=0.05, momentum=0.9, weight_decay=5e-4),
+            torch.optim.SGD([model.mask.logits], lr=0.05, momentum=0.9),
+        )
+        return [step.step(x0, x1)["loss_bt"] for x0, x1 in batches]
+
+    calls = []
+    real = _fused_loss.barlow_twins_fused
+    monkeypatch.setattr(_fused_loss, "barlow_twins_fused", lambda *a: calls.append(1) or real(*a))
+    losses_fused = train(fused, "triton")
+    assert len(calls) == 2
+    losses_reference = train(reference, "torch")
+    assert losses_fused == pytest.approx(losses_reference, rel=1e-5)
+    # All weights as one vector: some are analytically unchanged (the bias before the standardisation gets
+    # a zero gradient), so their own relative error would be rounding over rounding.
+    def flat(model):
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n != "mask.logits"])
+
+    assert relative_error(flat(fused), flat(reference).cpu().double()) <= 1e-5
+    assert relative_error(fused.mask.logits, reference.mask.logits.detach().cpu().double()) <= 1e-4
+    assert not torch.equal(fused.mask.logits, torch.zeros_like(fused.mask.logits))
