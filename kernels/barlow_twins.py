@@ -27,12 +27,14 @@ and through the weight and the standardisation, with ``T = ∂L/∂a`` and ``h =
     ∂L/∂w_i   = g Σ_n (T_a ⊙ ẑ_a + T_b ⊙ ẑ_b)_ni
     ∂L/∂z_ni  = r_i (h_ni - mean_n h_ni - ẑ_ni Σ_m h_mi ẑ_mi / k),    k = N - 1 ("std") or N ("bn")
 
-All arithmetic is float32 whatever the input dtype (float32, bfloat16, float16). ``tl.dot`` runs as
-``"tf32x3"`` (:data:`DOT_PRECISION`): three TF32 tensor-core products per float32 product, float32
-accuracy (plain TF32 would round every operand to 10 bits), so the kernels agree with a float64
-reference to float32 rounding. The host functions
-at the bottom launch the kernels; they hold no state and register nothing (``metamask_fast._fused_loss``
-turns them into a ``torch.library`` custom op with autograd).
+All arithmetic is float32 whatever the input dtype (float32, bfloat16, float16). ``tl.dot`` takes its
+precision per input dtype (:func:`dot_precision`): for float32 inputs ``"tf32x3"``, three TF32
+tensor-core products per float32 product, float32 accuracy (plain TF32 would round every operand to 10
+bits), so the kernels agree with a float64 reference to float32 rounding; for bfloat16 and float16 inputs,
+whose own rounding is coarser than TF32's, one ``"tf32"`` product. The loss itself (the sums over the
+diagonal and over the Frobenius partials) is reduced by one more kernel, in a fixed order, so results are
+deterministic. The host functions at the bottom launch the kernels; they hold no state and register
+nothing (``metamask_fast._fused_loss`` turns them into a ``torch.library`` custom op with autograd).
 """
 
 from __future__ import annotations
@@ -45,16 +47,22 @@ __all__ = ["barlow_twins_forward", "barlow_twins_backward", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-DOT_PRECISION = tl.constexpr("tf32x3")  # a constexpr: jitted code may read only constexpr globals
 # Tile sizes. tl.dot needs every dimension >= 16; masks handle the ragged edges.
 STATS_BLOCK_N, STATS_BLOCK_D = 64, 64
 GRAM_BLOCK_M, GRAM_BLOCK_K = 64, 32
 GRAM_BWD_BLOCK_M, GRAM_BWD_BLOCK_D, GRAM_BWD_BLOCK_K = 64, 64, 32
 CORR_BLOCK_D, CORR_BLOCK_N = 64, 32
-CORR_BWD_BLOCK_I, CORR_BWD_BLOCK_J, CORR_BWD_BLOCK_N = 32, 64, 32
-# The Gram forward splits its reduction over D so that a small N still fills the GPU.
-GRAM_TARGET_PROGRAMS = 128
+CORR_BWD_BLOCK_I, CORR_BWD_BLOCK_J, CORR_BWD_BLOCK_N = 32, 64, 64
+FINISH_BLOCK, LOSS_BLOCK = 1024, 1024
+# The Gram forward splits its reduction over D so that a small N still fills the GPU (about two
+# programs per streaming multiprocessor of an H100/H200); each split costs 2 N² float32 until the sum.
+GRAM_TARGET_PROGRAMS = 256
 GRAM_MIN_SPLIT_WIDTH = 256
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for embeddings of ``dtype``: float32 accuracy for float32 inputs."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -76,6 +84,13 @@ def _column_scale(rstd_ptr, w_ptr, cols, D, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _kappa(diag_ptr, cols, D, N, lambd):
+    """``κ_i = ∂L/∂P_i = (-2 (1 - c_ii) - 2λ c_ii) / N`` for the columns ``cols`` (0 outside the matrix)."""
+    diag = tl.load(diag_ptr + cols, mask=cols < D, other=1.0)
+    return tl.where(cols < D, (-2.0 * (1.0 - diag) - 2.0 * lambd * diag) / N, 0.0)
+
+
+@triton.jit
 def _column_stats_kernel(
     za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, diag_ptr,
     N, D, stride_an, stride_ad, stride_bn, stride_bd, eps,
@@ -83,7 +98,9 @@ def _column_stats_kernel(
 ):
     """Per column: ``μ`` and ``r`` of both views, and ``c_ii = w_i² r_a,i r_b,i Σ_n (z_a - μ_a)(z_b - μ_b) / N``.
 
-    Two passes over the rows (mean, then centred moments) so the variance does not cancel.
+    Two passes over the rows (mean, then centred moments) so the variance does not cancel; the second pass
+    also sums the residuals ``e = Σ_n (z - μ)`` of the first mean, and ``μ + e/N``, ``Σ(z - μ)² - e²/N`` and
+    ``Σ(z_a - μ_a)(z_b - μ_b) - e_a e_b / N`` correct the rounding of a mean that dwarfs the spread.
     """
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -94,14 +111,18 @@ def _column_stats_kernel(
         sum_a += tl.sum(_load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, zero, zero + 1.0), axis=0)
         sum_b += tl.sum(_load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, zero, zero + 1.0), axis=0)
     mean_a, mean_b = sum_a / N, sum_b / N
-    ss_a, ss_b, cross = zero, zero, zero
+    ss_a, ss_b, cross, err_a, err_b = zero, zero, zero, zero, zero
     for start in range(0, N, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         ca = _load_standardized(za_ptr, rows, cols, stride_an, stride_ad, N, D, mean_a, zero + 1.0)
         cb = _load_standardized(zb_ptr, rows, cols, stride_bn, stride_bd, N, D, mean_b, zero + 1.0)
+        err_a += tl.sum(ca, axis=0)
+        err_b += tl.sum(cb, axis=0)
         ss_a += tl.sum(ca * ca, axis=0)
         ss_b += tl.sum(cb * cb, axis=0)
         cross += tl.sum(ca * cb, axis=0)
+    mean_a, mean_b = mean_a + err_a / N, mean_b + err_b / N
+    ss_a, ss_b, cross = ss_a - err_a * err_a / N, ss_b - err_b * err_b / N, cross - err_a * err_b / N
     if UNBIASED:
         var_a, var_b = ss_a / (N - 1), ss_b / (N - 1)
     else:
@@ -124,13 +145,13 @@ def _column_stats_kernel(
 def _gram_kernel(
     za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, gram_a_ptr, gram_b_ptr,
     N, D, stride_an, stride_ad, stride_bn, stride_bd, split_width,
-    HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Gram path forward: the (I, J) tile of ``a aᵀ`` and ``b bᵀ`` over one slice of the D columns.
 
     ``gram[s, I, J] = Σ_{k in slice s} a[I, k] a[J, k]ᵀ`` (and the same for b); the host sums the slices
     and forms ``F = ⟨a aᵀ, b bᵀ⟩``. Both matrices are symmetric: programs with I ≤ J compute the tile and
-    store it at (I, J) and, transposed, at (J, I); the others return at once. Standardisation and weight
+    store it at (I, J) and, when I < J, transposed at (J, I); the others do nothing. Standardisation and weight
     are applied to each tile as it is loaded.
     """
     pid_i, pid_j, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -157,25 +178,27 @@ def _gram_kernel(
         upper = base + rows_i.to(tl.int64)[:, None] * N + rows_j[None, :]
         tl.store(gram_a_ptr + upper, acc_a, mask=inside)
         tl.store(gram_b_ptr + upper, acc_b, mask=inside)
-        lower = base + rows_j.to(tl.int64)[:, None] * N + rows_i[None, :]
-        inside_t = (rows_j < N)[:, None] & (rows_i < N)[None, :]
-        tl.store(gram_a_ptr + lower, tl.trans(acc_a), mask=inside_t)
-        tl.store(gram_b_ptr + lower, tl.trans(acc_b), mask=inside_t)
+        if pid_i < pid_j:
+            lower = base + rows_j.to(tl.int64)[:, None] * N + rows_i[None, :]
+            inside_t = (rows_j < N)[:, None] & (rows_i < N)[None, :]
+            tl.store(gram_a_ptr + lower, tl.trans(acc_a), mask=inside_t)
+            tl.store(gram_b_ptr + lower, tl.trans(acc_b), mask=inside_t)
 
 
 @triton.jit
 def _gram_backward_kernel(
-    z_self_ptr, z_other_ptr, w_ptr, mean_s_ptr, rstd_s_ptr, mean_o_ptr, rstd_o_ptr, gram_o_ptr, kappa_ptr,
-    out_ptr, N, D, stride_sn, stride_sd, stride_on, stride_od, s,
-    HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    z_self_ptr, z_other_ptr, w_ptr, mean_s_ptr, rstd_s_ptr, mean_o_ptr, rstd_o_ptr, gram_o_ptr, diag_ptr,
+    out_ptr, N, D, stride_sn, stride_sd, stride_on, stride_od, lambd,
+    HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Gram path: one (rows, cols) tile of ``T_self = κ ⊙ other + s · (other otherᵀ) self``.
 
     ``other otherᵀ`` is the stored N × N Gram matrix; ``self`` is standardised as it is loaded. Launched
     once with (self, other) = (a, b) and once with (b, a). Writes float32 ``T`` (``∂L/∂a`` or ``∂L/∂b``).
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # D on axis 0: the grid's long axis
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mean_s = tl.load(mean_s_ptr + cols, mask=cols < D, other=0.0)
     scale_s = _column_scale(rstd_s_ptr, w_ptr, cols, D, HAS_WEIGHT)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -188,8 +211,8 @@ def _gram_backward_kernel(
     mean_o = tl.load(mean_o_ptr + cols, mask=cols < D, other=0.0)
     scale_o = _column_scale(rstd_o_ptr, w_ptr, cols, D, HAS_WEIGHT)
     x_other = _load_standardized(z_other_ptr, rows, cols, stride_on, stride_od, N, D, mean_o, scale_o)
-    kappa = tl.load(kappa_ptr + cols, mask=cols < D, other=0.0)
-    t = kappa[None, :] * x_other + s * acc
+    kappa = _kappa(diag_ptr, cols, D, N, lambd)
+    t = kappa[None, :] * x_other + (2.0 * lambd / N / N) * acc
     inside = (rows < N)[:, None] & (cols < D)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], t, mask=inside)
 
@@ -198,7 +221,7 @@ def _gram_backward_kernel(
 def _cross_corr_sq_kernel(
     za_ptr, zb_ptr, w_ptr, mean_a_ptr, rstd_a_ptr, mean_b_ptr, rstd_b_ptr, partial_ptr,
     N, D, stride_an, stride_ad, stride_bn, stride_bd,
-    HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Tiled C path forward: ``partial[I, J] = ‖a[:, I]ᵀ b[:, J]‖²_F`` for one D-block tile of C.
 
@@ -223,9 +246,10 @@ def _cross_corr_sq_kernel(
 
 @triton.jit
 def _cross_corr_backward_kernel(
-    z_self_ptr, z_other_ptr, w_ptr, mean_s_ptr, rstd_s_ptr, mean_o_ptr, rstd_o_ptr, kappa_ptr, out_ptr,
-    N, D, stride_sn, stride_sd, stride_on, stride_od, s,
-    HAS_WEIGHT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+    z_self_ptr, z_other_ptr, w_ptr, mean_s_ptr, rstd_s_ptr, mean_o_ptr, rstd_o_ptr, diag_ptr, out_ptr,
+    N, D, stride_sn, stride_sd, stride_on, stride_od, lambd,
+    HAS_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Tiled C path: the columns I of ``T_self = κ ⊙ other + s · other (otherᵀ self)``, flash-style.
 
@@ -239,7 +263,8 @@ def _cross_corr_backward_kernel(
     scale_si = _column_scale(rstd_s_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
     mean_oi = tl.load(mean_o_ptr + cols_i, mask=cols_i < D, other=0.0)
     scale_oi = _column_scale(rstd_o_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
-    kappa = tl.load(kappa_ptr + cols_i, mask=cols_i < D, other=0.0)
+    kappa = _kappa(diag_ptr, cols_i, D, N, lambd)
+    s = 2.0 * lambd / N / N
     for start in range(0, N, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         x_other = _load_standardized(z_other_ptr, rows, cols_i, stride_on, stride_od, N, D, mean_oi, scale_oi)
@@ -264,6 +289,41 @@ def _cross_corr_backward_kernel(
             t = tl.load(t_ptrs, mask=inside, other=0.0) + s * tl.dot(x_other, tile, input_precision=DOT_PRECISION)
             tl.store(t_ptrs, t, mask=inside)
         tl.debug_barrier()
+
+
+@triton.jit
+def _gram_finish_kernel(parts_a_ptr, parts_b_ptr, gram_a_ptr, gram_b_ptr, partial_ptr, NN, SPLITS, BLOCK: tl.constexpr):
+    """Sum the D slices of the Gram matrices (``gram = Σ_s parts[s]``, kept for the backward) and reduce one
+    block of ``⟨a aᵀ, b bᵀ⟩`` to ``partial[program]``."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < NN
+    gram_a = tl.zeros((BLOCK,), dtype=tl.float32)
+    gram_b = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        gram_a += tl.load(parts_a_ptr + split * NN + offsets, mask=inside, other=0.0)
+        gram_b += tl.load(parts_b_ptr + split * NN + offsets, mask=inside, other=0.0)
+    tl.store(gram_a_ptr + offsets, gram_a, mask=inside)
+    tl.store(gram_b_ptr + offsets, gram_b, mask=inside)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(gram_a * gram_b, axis=0))
+
+
+@triton.jit
+def _loss_kernel(diag_ptr, partial_ptr, loss_ptr, D, NUM_PARTIALS, lambd, inv_n2, BLOCK: tl.constexpr):
+    """One program: ``L = Σ_i (1 - c_ii)² + λ (F / N² - Σ_i c_ii²)`` with ``F = Σ partial``, in a fixed order."""
+    on_diagonal = tl.zeros((BLOCK,), dtype=tl.float32)
+    diagonal_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        diag = tl.load(diag_ptr + cols, mask=cols < D, other=0.0)
+        on_diagonal += tl.where(cols < D, (1.0 - diag) * (1.0 - diag), 0.0)
+        diagonal_sq += diag * diag
+    frobenius = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, NUM_PARTIALS, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        frobenius += tl.load(partial_ptr + index, mask=index < NUM_PARTIALS, other=0.0)
+    frobenius_sum = tl.sum(frobenius, axis=0)
+    loss = tl.sum(on_diagonal, axis=0) + lambd * (frobenius_sum * inv_n2 - tl.sum(diagonal_sq, axis=0))
+    tl.store(loss_ptr, loss)
 
 
 @triton.jit
@@ -330,16 +390,17 @@ def barlow_twins_forward(
     """Launch the forward kernels. Returns ``(loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)``.
 
     Everything is float32; ``loss`` is a 0-d tensor. The Gram matrices (N × N, saved for the backward) are
-    empty on the tiled C path. ``gram`` forces a path (``None``: :func:`use_gram_path`). Inputs may have
-    any strides; the caller has validated shapes, dtypes and devices.
+    empty on the tiled C path. ``gram`` forces a path (``None``: :func:`use_gram_path`). ``z_a`` and
+    ``z_b`` may have any strides; the caller has validated shapes, dtypes and devices.
     """
     n, d = z_a.shape
     gram = use_gram_path(n, d) if gram is None else gram
     f32 = dict(dtype=torch.float32, device=z_a.device)
     mean_a, rstd_a, mean_b, rstd_b, diag = (torch.empty(d, **f32) for _ in range(5))
     has_weight = weight is not None
-    w = weight if has_weight else diag  # any pointer; never read without HAS_WEIGHT
+    w = weight.contiguous() if has_weight else diag  # any pointer without a weight; never read then
     strides = (*z_a.stride(), *z_b.stride())
+    precision = dot_precision(z_a.dtype)
     _column_stats_kernel[(triton.cdiv(d, STATS_BLOCK_D),)](
         z_a, z_b, w, mean_a, rstd_a, mean_b, rstd_b, diag, n, d, *strides, eps,
         HAS_WEIGHT=has_weight, UNBIASED=unbiased, BLOCK_N=STATS_BLOCK_N, BLOCK_D=STATS_BLOCK_D,
@@ -355,20 +416,23 @@ def barlow_twins_forward(
         parts_b = torch.empty(splits, n, n, **f32)
         _gram_kernel[(tiles, tiles, splits)](
             z_a, z_b, w, *stats, parts_a, parts_b, n, d, *strides, split_width,
-            HAS_WEIGHT=has_weight, BLOCK_M=GRAM_BLOCK_M, BLOCK_K=GRAM_BLOCK_K,
+            HAS_WEIGHT=has_weight, DOT_PRECISION=precision, BLOCK_M=GRAM_BLOCK_M, BLOCK_K=GRAM_BLOCK_K,
         )
-        gram_a, gram_b = parts_a.sum(0), parts_b.sum(0)
-        frobenius = torch.sum(gram_a * gram_b)
+        gram_a, gram_b = torch.empty(n, n, **f32), torch.empty(n, n, **f32)
+        partial = torch.empty(triton.cdiv(n * n, FINISH_BLOCK), **f32)
+        _gram_finish_kernel[(partial.numel(),)](
+            parts_a, parts_b, gram_a, gram_b, partial, n * n, splits, BLOCK=FINISH_BLOCK
+        )
     else:
         tiles = triton.cdiv(d, CORR_BLOCK_D)
         partial = torch.empty(tiles * tiles, **f32)
         _cross_corr_sq_kernel[(tiles, tiles)](
             z_a, z_b, w, *stats, partial, n, d, *strides,
-            HAS_WEIGHT=has_weight, BLOCK_D=CORR_BLOCK_D, BLOCK_N=CORR_BLOCK_N,
+            HAS_WEIGHT=has_weight, DOT_PRECISION=precision, BLOCK_D=CORR_BLOCK_D, BLOCK_N=CORR_BLOCK_N,
         )
-        frobenius = partial.sum()
-        gram_a = gram_b = torch.empty(0, **f32)
-    loss = torch.sum(torch.square(1 - diag)) + lambd * (frobenius / (n * n) - torch.sum(torch.square(diag)))
+        gram_a, gram_b = torch.empty(0, **f32), torch.empty(0, **f32)
+    loss = torch.empty((), **f32)
+    _loss_kernel[(1,)](diag, partial, loss, d, partial.numel(), lambd, 1.0 / (n * n), BLOCK=LOSS_BLOCK)
     return loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b
 
 
@@ -383,18 +447,18 @@ def barlow_twins_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernels: ``(∂out/∂z_a, ∂out/∂z_b, ∂out/∂weight or None)``.
 
-    ``saved`` is ``(mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)`` from :func:`barlow_twins_forward`;
-    empty Gram matrices select the tiled C path. Gradients have the dtype of their input and are contiguous.
-    One view at a time: ``T`` of a float32 view is written into its gradient (the last kernel works in
-    place); the other dtypes share one float32 N × D workspace, so memory stays at the gradients plus N × D.
+    ``grad_loss`` is a float32 0-d tensor; ``saved`` is ``(mean_a, rstd_a, mean_b, rstd_b, diag, gram_a,
+    gram_b)`` from :func:`barlow_twins_forward`; empty Gram matrices select the tiled C path. Gradients
+    have the dtype of their input and are contiguous. One view at a time: ``T`` of a float32 view is
+    written into its gradient (the last kernel works in place); the other dtypes share one float32 N × D
+    workspace, so memory stays at the gradients plus N × D.
     """
     mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b = saved
     n, d = z_a.shape
     has_weight = weight is not None
-    kappa = (-2 * (1 - diag) - 2 * lambd * diag) / n
-    s = 2 * lambd / (n * n)
     grad_w = torch.empty(d, dtype=torch.float32, device=z_a.device) if has_weight else None
-    w = weight if has_weight else diag  # any pointer; never read without HAS_WEIGHT
+    w = weight.contiguous() if has_weight else diag  # any pointer without a weight; never read then
+    precision = dot_precision(z_a.dtype)
     workspace = None
     views = (
         (z_a, z_b, mean_a, rstd_a, mean_b, rstd_b, gram_b),
@@ -406,21 +470,22 @@ def barlow_twins_backward(
         if grad.dtype == torch.float32:
             t = grad
         else:
-            workspace = torch.empty(n, d, dtype=torch.float32, device=z_self.device) if workspace is None else workspace
+            if workspace is None:
+                workspace = torch.empty(n, d, dtype=torch.float32, device=z_self.device)
             t = workspace
         strides = (*z_self.stride(), *z_other.stride())
         if gram_other.numel():
-            grid = (triton.cdiv(n, GRAM_BWD_BLOCK_M), triton.cdiv(d, GRAM_BWD_BLOCK_D))
+            grid = (triton.cdiv(d, GRAM_BWD_BLOCK_D), triton.cdiv(n, GRAM_BWD_BLOCK_M))
             _gram_backward_kernel[grid](
-                z_self, z_other, w, mean_s, rstd_s, mean_o, rstd_o, gram_other, kappa, t, n, d, *strides, s,
-                HAS_WEIGHT=has_weight, BLOCK_M=GRAM_BWD_BLOCK_M, BLOCK_D=GRAM_BWD_BLOCK_D,
-                BLOCK_K=GRAM_BWD_BLOCK_K,
+                z_self, z_other, w, mean_s, rstd_s, mean_o, rstd_o, gram_other, diag, t, n, d, *strides, lambd,
+                HAS_WEIGHT=has_weight, DOT_PRECISION=precision,
+                BLOCK_M=GRAM_BWD_BLOCK_M, BLOCK_D=GRAM_BWD_BLOCK_D, BLOCK_K=GRAM_BWD_BLOCK_K,
             )
         else:
             _cross_corr_backward_kernel[(triton.cdiv(d, CORR_BWD_BLOCK_I),)](
-                z_self, z_other, w, mean_s, rstd_s, mean_o, rstd_o, kappa, t, n, d, *strides, s,
-                HAS_WEIGHT=has_weight, BLOCK_I=CORR_BWD_BLOCK_I, BLOCK_J=CORR_BWD_BLOCK_J,
-                BLOCK_N=CORR_BWD_BLOCK_N,
+                z_self, z_other, w, mean_s, rstd_s, mean_o, rstd_o, diag, t, n, d, *strides, lambd,
+                HAS_WEIGHT=has_weight, DOT_PRECISION=precision,
+                BLOCK_I=CORR_BWD_BLOCK_I, BLOCK_J=CORR_BWD_BLOCK_J, BLOCK_N=CORR_BWD_BLOCK_N,
             )
         _standardize_backward_kernel[(triton.cdiv(d, STATS_BLOCK_D),)](
             z_self, w, mean_s, rstd_s, t, grad_loss, grad, grad_w if has_weight else diag,

@@ -99,3 +99,13 @@ def _backward(ctx, grad_loss, *_unused):
 
 
 barlow_twins_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "barlow_twins_loss(backend='triton') has no second derivative (a backward with create_graph=True "
+        "through its gradient); use backend='torch', whose backward is differentiable"
+    )
+
+
+barlow_twins_fused_backward.register_autograd(_no_double_backward)

@@ -90,6 +90,9 @@ def _triton_problem(z: torch.Tensor) -> str | None:
             )
     elif isinstance(z, torch.Tensor) and not z.is_cuda:
         return f"z_a is on {z.device}; the kernels run on CUDA devices"
+    elif isinstance(z, torch.Tensor) and torch.cuda.get_device_capability(z.device) < (8, 0):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(z.device)))
+        return f"z_a is on a GPU of compute capability {capability}; the kernels need 8.0 or newer"
     return None
 
 
@@ -180,21 +183,25 @@ class _SquaredCrossCorrelationNorm(torch.autograd.Function):
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        # Differentiable operations only, so that a double backward (create_graph=True, grad mode on here)
+        # is exact; the Gram matrices saved by the forward carry no graph, so that case recomputes them.
+        create_graph = torch.is_grad_enabled()
         scale = 2 * grad_out
         if len(ctx.saved_tensors) == 4:
             a, b, gram_a, gram_b = ctx.saved_tensors
+            if create_graph:
+                gram_a, gram_b = a @ a.T, b @ b.T
             return scale * (gram_b @ a), scale * (gram_a @ b)
         a, b = ctx.saved_tensors
-        grad_a = torch.empty_like(a)
+        grad_a_tiles = []
         grad_b = torch.zeros_like(b)
         for start in range(0, a.shape[1], C_TILE_ROWS):
             a_tile = a[:, start : start + C_TILE_ROWS]
             tile = a_tile.T @ b
-            grad_a[:, start : start + C_TILE_ROWS] = b @ tile.T
-            grad_b.addmm_(a_tile, tile)
-        return scale * grad_a, scale * grad_b
+            grad_a_tiles.append(b @ tile.T)
+            grad_b = torch.addmm(grad_b, a_tile, tile) if create_graph else grad_b.addmm_(a_tile, tile)
+        return scale * torch.cat(grad_a_tiles, dim=1), scale * grad_b
 
 
 def barlow_twins_loss(
@@ -226,13 +233,19 @@ def barlow_twins_loss(
     if not isinstance(normalize, str) or normalize not in _NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
     check_number("eps", eps, minimum=0, strict=True)
-    _check_finite(z_a=z_a, z_b=z_b, weight=weight)
 
     if backend == "triton":
         from metamask_fast import _fused_loss
 
         outputs = _fused_loss.barlow_twins_fused(z_a, z_b, weight, float(lambd), normalize == "std", float(eps))
-        return outputs[0].to(z_a.dtype)
+        loss = outputs[0]
+        # A non-finite input makes its column's mean or variance, hence the loss, non-finite: checking the
+        # one scalar instead of every input saves launches; the inputs are searched only when it fails.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(loss)):
+            _check_finite(z_a=z_a, z_b=z_b, weight=weight)
+        return loss.to(z_a.dtype)
+
+    _check_finite(z_a=z_a, z_b=z_b, weight=weight)
 
     n = z_a.shape[0]
     dtype = _compute_dtype(z_a)

@@ -123,6 +123,18 @@ def test_barlow_twins_gradcheck(shape, normalize, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("shape", [(7, 11), (11, 7)])
+def test_barlow_twins_double_backward(shape, monkeypatch):
+    # The custom backward is itself differentiable: second derivatives (e.g. of a gradient penalty) are exact.
+    monkeypatch.setattr(functional, "C_TILE_ROWS", 3)
+    z_a = fresh(shape).requires_grad_()
+    z_b = fresh(shape).requires_grad_()
+    weight = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, w: barlow_twins_loss(a, b, 0.02, weight=w), (z_a, z_b, weight)
+    )
+
+
 @pytest.mark.parametrize("shape", [(37, 70), (70, 37)])
 def test_barlow_twins_gradients_with_upstream_match_transcription(shape):
     z_a = fresh(shape).requires_grad_()
