@@ -44,34 +44,24 @@ def _resolve_backend(backend: str, z: torch.Tensor, *, has_triton_kernel: bool) 
     if backend == "torch" or (backend == "triton" and from_environment and not has_triton_kernel):
         return "torch"
     if backend == "auto":
-        return "triton" if has_triton_kernel and _triton_suits(z) else "torch"
+        # "auto" takes Triton only where it is the fast path (CUDA) and can run; it never raises.
+        suits = has_triton_kernel and z.is_cuda and z.dtype in _TRITON_DTYPES and _triton_problem(z) is None
+        return "triton" if suits else "torch"
     if not has_triton_kernel:
         raise RuntimeError("backend='triton': this loss has no Triton kernel; use backend='torch' or 'auto'")
+    if z.dtype not in _TRITON_DTYPES:
+        raise TypeError(
+            f"z_a: backend='triton' takes float32, bfloat16 or float16 embeddings (it accumulates in "
+            f"float32), got {z.dtype}; use backend='torch' for {z.dtype}"
+        )
     problem = _triton_problem(z)
     if problem is not None:
         raise RuntimeError(f"backend='triton' cannot run: {problem}; use backend='torch' or 'auto'")
     return "triton"
 
 
-def _triton_suits(z: torch.Tensor) -> bool:
-    """The condition of ``"auto"``: a supported dtype on a CUDA device Triton compiles for."""
-    return (
-        isinstance(z, torch.Tensor)
-        and z.is_cuda
-        and z.dtype in _TRITON_DTYPES
-        and torch.cuda.get_device_capability(z.device) >= (8, 0)
-        and importlib.util.find_spec("triton") is not None
-        and importlib.util.find_spec("metamask_fast.kernels") is not None
-    )
-
-
 def _triton_problem(z: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take ``z`` (None when they can); a float64 ``z`` is a TypeError."""
-    if isinstance(z, torch.Tensor) and z.is_floating_point() and z.dtype not in _TRITON_DTYPES:
-        raise TypeError(
-            f"z_a: backend='triton' takes float32, bfloat16 or float16 embeddings (it accumulates in "
-            f"float32), got {z.dtype}; use backend='torch' for {z.dtype}"
-        )
+    """Why the Triton kernels cannot run on ``z``'s device (None when they can)."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
     if importlib.util.find_spec("metamask_fast.kernels") is None:
@@ -80,7 +70,7 @@ def _triton_problem(z: torch.Tensor) -> str | None:
             "metamask_fast.kernels is missing: this metamask_fast is a source checkout (e.g. `python -m` run "
             "from the repository root); run from another folder to import the installed package"
         )
-    if isinstance(z, torch.Tensor) and z.device.type == "cpu":
+    if z.device.type == "cpu":
         from metamask_fast import _fused_loss
 
         if not _fused_loss.kernels_run_on_cpu():
@@ -88,11 +78,12 @@ def _triton_problem(z: torch.Tensor) -> str | None:
                 "z_a is a CPU tensor; the kernels run on CUDA, or on the CPU in Triton's interpreter when "
                 "TRITON_INTERPRET=1 is set before the first Triton call (slow; for testing)"
             )
-    elif isinstance(z, torch.Tensor) and not z.is_cuda:
+        return None
+    if not z.is_cuda:
         return f"z_a is on {z.device}; the kernels run on CUDA devices"
-    elif isinstance(z, torch.Tensor) and torch.cuda.get_device_capability(z.device) < (8, 0):
-        capability = ".".join(map(str, torch.cuda.get_device_capability(z.device)))
-        return f"z_a is on a GPU of compute capability {capability}; the kernels need 8.0 or newer"
+    capability = torch.cuda.get_device_capability(z.device)
+    if capability < (8, 0):
+        return f"z_a is on a GPU of compute capability {capability[0]}.{capability[1]}; the kernels need 8.0+"
     return None
 
 
