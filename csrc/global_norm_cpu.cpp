@@ -18,14 +18,14 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_chunks.h"
 #include "tensor_list_checks.h"
 
 namespace metamask_fast {
 namespace {
 
-// Chunks are the unit of parallel work. Their partial sums are added in chunk order, so the result does
-// not depend on the number of threads.
-constexpr int64_t kChunk = int64_t{1} << 16;
+// Chunks (cpu_chunks.h) are the unit of parallel work. Their partial sums are added in chunk order, so the
+// result does not depend on the number of threads.
 
 template <typename scalar_t>
 double sum_of_squares(const scalar_t* x, int64_t n) {
@@ -57,25 +57,17 @@ at::Tensor global_norm_cpu(at::TensorList tensors) {
   // Strided tensors are read through a contiguous copy (a no-op for the usual parameter lists).
   std::vector<at::Tensor> contiguous;
   contiguous.reserve(tensors.size());
-  struct Chunk {
-    size_t tensor;
-    int64_t offset;
-  };
-  std::vector<Chunk> chunks;
-  for (const auto i : c10::irange(tensors.size())) {
-    contiguous.push_back(tensors[i].contiguous());
-    for (int64_t offset = 0; offset < tensors[i].numel(); offset += kChunk) {
-      chunks.push_back({i, offset});
-    }
+  for (const at::Tensor& t : tensors) {
+    contiguous.push_back(t.contiguous());
   }
+  const std::vector<Chunk> chunks = make_chunks(tensors);
 
   std::vector<double> partial(chunks.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "global_norm_cpu", [&] {
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (const auto c : c10::irange(begin, end)) {
         const at::Tensor& t = contiguous[chunks[c].tensor];
-        const int64_t n = std::min(kChunk, t.numel() - chunks[c].offset);
-        partial[c] = sum_of_squares(t.const_data_ptr<scalar_t>() + chunks[c].offset, n);
+        partial[c] = sum_of_squares(t.const_data_ptr<scalar_t>() + chunks[c].offset, chunks[c].size);
       }
     });
   });

@@ -1,7 +1,7 @@
 // The schemas of every compiled op of metamask_fast, and the Python module that loads them.
 //
 // Each op is declared here exactly once; its kernels register per backend with TORCH_LIBRARY_IMPL in
-// their own files (global_norm_cpu.cpp, cuda/global_norm_cuda.cu). Python-side wrappers, fake (meta)
+// their own files (global_norm_cpu.cpp, multi_tensor_ops_cpu.cpp, and their cuda/ counterparts). Python-side wrappers, fake (meta)
 // kernels and autograd formulas live in metamask_fast/ops.py.
 
 #include <Python.h>
@@ -23,4 +23,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(metamask_fast, m) {
   // sqrt(sum of squares) over all elements of all tensors: a 0-d tensor of the inputs' dtype and device.
   m.def("global_norm(Tensor[] tensors) -> Tensor");
+  // In place, for every pair: tensors[i] += alpha * others[i] (contiguous, pairwise of one shape).
+  m.def("add_scaled_(Tensor(a!)[] tensors, Tensor[] others, float alpha) -> ()");
+  // Out of place: new tensors tensors[i] + alpha * others[i] (the θ ± R·v of the finite difference).
+  m.def("add_scaled(Tensor[] tensors, Tensor[] others, float alpha) -> Tensor[]");
+  // θ' = the weights torch.optim.SGD would produce from params, grads and momentum buffers (None: no buffer
+  // yet), without touching params or buffers. Every param here has a gradient; see metamask_fast/ops.py.
+  m.def(
+      "virtual_sgd_step(Tensor[] params, Tensor[] grads, Tensor?[] buffers, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov) -> Tensor[]");
 }

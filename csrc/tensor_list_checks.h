@@ -28,4 +28,30 @@ inline void check_tensor_list(const char* op, const char* arg, at::TensorList te
   }
 }
 
+// `tensors` must hold contiguous tensors: the kernels walk each tensor's memory as one flat array.
+inline void check_contiguous(const char* op, const char* arg, at::TensorList tensors) {
+  for (const auto i : c10::irange(tensors.size())) {
+    TORCH_CHECK_VALUE(
+        tensors[i].is_contiguous(), op, ": ", arg, "[", i, "] must be contiguous (its strides are ",
+        tensors[i].strides(), "); call .contiguous() on it first");
+  }
+}
+
+// `b` must be as long as `a`, and b[i] of the shape, dtype and device of a[i].
+inline void check_pairwise_like(
+    const char* op, const char* name_a, at::TensorList a, const char* name_b, at::TensorList b) {
+  TORCH_CHECK_VALUE(
+      a.size() == b.size(), op, ": `", name_a, "` and `", name_b, "` must be equally long, got ", a.size(),
+      " and ", b.size());
+  for (const auto i : c10::irange(a.size())) {
+    TORCH_CHECK_VALUE(
+        b[i].sizes() == a[i].sizes(), op, ": ", name_b, "[", i, "] must have the shape of ", name_a, "[", i,
+        "], ", a[i].sizes(), ", got ", b[i].sizes());
+    TORCH_CHECK_VALUE(
+        b[i].scalar_type() == a[i].scalar_type() && b[i].device() == a[i].device(), op, ": ", name_b, "[", i,
+        "] must have the dtype and device of ", name_a, "[", i, "] (", a[i].scalar_type(), ", ", a[i].device(),
+        "), got ", b[i].scalar_type(), ", ", b[i].device());
+  }
+}
+
 }  // namespace metamask_fast

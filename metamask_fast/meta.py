@@ -174,10 +174,9 @@ class MetaMaskStep:
                 "the network has diverged (try a smaller learning rate)"
             )
         radius = self.fd_radius / norm
-        perturbed = [params[name].detach().clone() for name in names]
         mask = self.model.mask.logits
 
-        ops.add_scaled_(perturbed, directions, radius)
+        perturbed = ops.add_scaled([params[name].detach() for name in names], directions, radius)
         loss_plus = self._contrastive_loss_at(dict(zip(names, perturbed)), buffers, x0, x1, backbone_grad=False)
         (grad_plus,) = torch.autograd.grad(loss_plus, [mask])
         ops.add_scaled_(perturbed, directions, -2 * radius)

@@ -1,24 +1,27 @@
 r"""Compiled multi-tensor ops, each with a pure-PyTorch fallback.
 
-``global_norm`` exists twice: as a kernel of the extension ``metamask_fast._C``
-(``torch.ops.metamask_fast.global_norm``, CPU kernel always, CUDA kernel when the extension was built with a
-CUDA toolkit) and as ``_global_norm_torch`` in this module, the same result with ``torch._foreach`` ops.
-``add_scaled_`` and ``virtual_sgd_step`` have only their ``torch._foreach`` path so far; their compiled
-kernels will slot in behind the same names.
+Every op exists twice: as a kernel of the extension ``metamask_fast._C`` (``torch.ops.metamask_fast.<op>``,
+CPU kernel always, CUDA kernel when the extension was built with a CUDA toolkit) and as ``_<op>_torch`` in
+this module, the same result with ``torch._foreach`` ops. The ops are ``global_norm``, ``add_scaled_``
+(``x += α y`` in place), ``add_scaled`` (``x + α y`` into new tensors: the ``θ ± R v`` of the finite
+difference) and ``virtual_sgd_step`` (the update ``torch.optim.SGD`` would make, into new tensors).
 
 Fallback rule: the public wrapper checks its arguments (``TypeError``/``ValueError`` naming the argument),
-then runs the compiled op when the extension is loaded and has a kernel for the inputs' device, and the
-fallback otherwise. ``METAMASK_FAST_NO_EXT=1`` in the environment, before this module is imported, skips
+then runs the compiled op when the extension is loaded, has a kernel for the inputs' device and the tensors
+are contiguous (the kernels walk flat memory; parameter lists always are), and the fallback otherwise.
+``METAMASK_FAST_NO_EXT=1`` in the environment, before this module is imported, skips
 loading the extension, so the fallbacks can be tested and timed on a machine where it is built.
 :data:`HAS_EXTENSION` says whether it is loaded.
 
-Precision: results have the inputs' dtype. The CUDA kernels and the fallbacks accumulate in float64 for
+Precision: results have the inputs' dtype. The elementwise ops compute float16 and bfloat16 in float32 and
+round once per element. For the norm, the CUDA kernels and the fallbacks accumulate in float64 for
 float64 inputs and in float32 for float32, float16 and bfloat16 inputs. The CPU kernels accumulate in
 float64 for every dtype: in C++ the wider sum is free (the pass is memory bound), whereas torch's own
 float64 reductions of float32 tensors are many times slower on the CPU, so the fallbacks do not follow it
 there.
 
-The compiled ops carry fake (meta) kernels, for ``torch.compile``, and autograd formulas, registered below.
+The compiled ops carry fake (meta) kernels, for ``torch.compile``, and ``global_norm`` an autograd formula,
+registered below; the sweeps run under ``torch.no_grad``.
 """
 
 import os
@@ -146,22 +149,60 @@ if HAS_EXTENSION:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# add_scaled_ and virtual_sgd_step: the PyTorch paths of the meta-step sweeps (SPEC §1 steps 2 and 4).
-# Their compiled kernels are the subject of a later issue; until then these functions are the whole op.
+# add_scaled_, add_scaled and virtual_sgd_step: the sweeps of the meta step (SPEC §1 steps 2 and 4).
+
+_ADD_SCALED_DEVICES = _kernel_devices("add_scaled_")
+_VIRTUAL_SGD_DEVICES = _kernel_devices("virtual_sgd_step")
+
+
+def _compiled(devices: frozenset[str], *lists: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled op with kernels for ``devices`` can take these lists (see the module docstring)."""
+    return (
+        HAS_EXTENSION
+        and lists[0][0].device.type in devices
+        and all(t.is_contiguous() for tensors in lists for t in tensors)
+    )
+
+
+def _check_add_scaled(op: str, tensors, others, alpha) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    tensors = _check_tensor_list(op, "tensors", tensors)
+    others = _check_tensor_list(op, "others", others)
+    _check_pairs(op, "tensors", tensors, "others", others)
+    return tensors, others, check_number(f"{op}: `alpha`", alpha)
 
 
 def add_scaled_(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor], alpha: float) -> None:
     r"""In place, for every pair: :math:`x_i \mathrel{+}= \alpha\, y_i`.
 
     ``tensors`` and ``others`` are equally long lists of tensors of one dtype on one device, pairwise of
-    one shape; ``alpha`` a finite number.
+    one shape; ``alpha`` a finite number. Not differentiable (it runs under ``torch.no_grad``).
     """
-    tensors = _check_tensor_list("add_scaled_", "tensors", tensors)
-    others = _check_tensor_list("add_scaled_", "others", others)
-    _check_pairs("add_scaled_", "tensors", tensors, "others", others)
-    alpha = check_number("add_scaled_: `alpha`", alpha)
+    tensors, others, alpha = _check_add_scaled("add_scaled_", tensors, others, alpha)
     with torch.no_grad():
-        torch._foreach_add_(tensors, others, alpha=alpha)
+        if _compiled(_ADD_SCALED_DEVICES, tensors, others):
+            torch.ops.metamask_fast.add_scaled_.default(tensors, others, alpha)
+        else:
+            _add_scaled__torch(tensors, others, alpha)
+
+
+def _add_scaled__torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> None:
+    torch._foreach_add_(tensors, others, alpha=alpha)
+
+
+def add_scaled(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    r"""New tensors :math:`x_i + \alpha\, y_i` for every pair (``tensors`` and ``others`` unchanged).
+
+    The same arguments as :func:`add_scaled_`. The results are contiguous and do not require grad.
+    """
+    tensors, others, alpha = _check_add_scaled("add_scaled", tensors, others, alpha)
+    with torch.no_grad():
+        if _compiled(_ADD_SCALED_DEVICES, tensors, others):
+            return list(torch.ops.metamask_fast.add_scaled.default(tensors, others, alpha))
+        return _add_scaled_torch(tensors, others, alpha)
+
+
+def _add_scaled_torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    return [t.contiguous() for t in torch._foreach_add(tensors, others, alpha=alpha)]
 
 
 def virtual_sgd_step(
@@ -211,19 +252,60 @@ def virtual_sgd_step(
     if not stepped:
         return out
     weights = [params[i].detach() for i in stepped]
+    step_grads = [grads[i].detach() for i in stepped]
+    step_buffers = [buffers[i] for i in stepped]
+    coefficients = (lr, momentum, dampening, weight_decay, nesterov)
+    present = [b for b in step_buffers if b is not None]
     with torch.no_grad():
-        d = [grads[i] for i in stepped]
-        if weight_decay != 0:
-            d = torch._foreach_add(d, weights, alpha=weight_decay)
-        if momentum != 0:
-            moved = []
-            for i, d_i in zip(stepped, d):
-                b = buffers[i]
-                moved.append(d_i if b is None else b.mul(momentum).add_(d_i, alpha=1 - dampening))
-            d = torch._foreach_add(d, moved, alpha=momentum) if nesterov else moved
-        for i, new in zip(stepped, torch._foreach_add(weights, d, alpha=-lr)):
-            out[i] = new
+        if _compiled(_VIRTUAL_SGD_DEVICES, weights, step_grads, present or weights):
+            updated = torch.ops.metamask_fast.virtual_sgd_step.default(weights, step_grads, step_buffers, *coefficients)
+        else:
+            updated = _virtual_sgd_step_torch(weights, step_grads, step_buffers, *coefficients)
+    for i, new in zip(stepped, updated):
+        out[i] = new
     return out
+
+
+def _virtual_sgd_step_torch(
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor | None],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> list[torch.Tensor]:
+    """Fallback of :func:`virtual_sgd_step` for weights that all have a gradient: torch.optim.SGD's
+    ``_multi_tensor_sgd`` arithmetic, out of place."""
+    d = grads
+    if weight_decay != 0:
+        d = torch._foreach_add(d, weights, alpha=weight_decay)
+    if momentum != 0:
+        moved = [d_i if b is None else b.mul(momentum).add_(d_i, alpha=1 - dampening) for d_i, b in zip(d, buffers)]
+        d = torch._foreach_add(d, moved, alpha=momentum) if nesterov else moved
+    return torch._foreach_add(weights, d, alpha=-lr)
+
+
+def _add_scaled__fake(tensors, others, alpha) -> None:
+    _check_add_scaled("add_scaled_", list(tensors), list(others), alpha)
+
+
+def _add_scaled_fake(tensors, others, alpha) -> list[torch.Tensor]:
+    _check_add_scaled("add_scaled", list(tensors), list(others), alpha)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+
+def _virtual_sgd_step_fake(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov):
+    _check_tensor_list("virtual_sgd_step", "params", list(params))
+    _check_pairs("virtual_sgd_step", "params", list(params), "grads", list(grads))
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+
+
+if HAS_EXTENSION:
+    torch.library.register_fake("metamask_fast::add_scaled_")(_add_scaled__fake)
+    torch.library.register_fake("metamask_fast::add_scaled")(_add_scaled_fake)
+    torch.library.register_fake("metamask_fast::virtual_sgd_step")(_virtual_sgd_step_fake)
 
 
 def _check_like(op: str, name: str, i: int, t: object, ref_name: str, ref: torch.Tensor) -> None:

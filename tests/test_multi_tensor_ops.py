@@ -1,0 +1,200 @@
+"""The compiled meta-step ops (add_scaled_, add_scaled, virtual_sgd_step) against a per-tensor Python loop.
+
+The loop below is the oracle: float64 arithmetic on each tensor, written from SPEC §1 step 2 and the
+definition of the scaled add. Every case runs the compiled kernel and the ``torch._foreach`` fallback of
+``metamask_fast.ops``, so the two are also equal to each other. Compiled-only cases skip when the extension
+is not loaded (``METAMASK_FAST_NO_EXT=1`` in CI's second pass).
+"""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from metamask_fast import ops
+from metamask_fast.meta import MetaMaskStep
+from metamask_fast.models import MetaMaskModel
+
+needs_extension = pytest.mark.skipif(
+    not ops.HAS_EXTENSION, reason=f"metamask_fast._C not loaded ({ops._EXTENSION_ERROR})"
+)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and "cuda" in ops._VIRTUAL_SGD_DEVICES else [])
+
+# Odd sizes, an empty and a 0-d tensor, and one that spans two CPU chunks (1 << 16 elements).
+SHAPES = [(37,), (5, 7), (), (0,), (3, 1, 9), (70001,), (64, 3, 3, 3)]
+TOLERANCE = {torch.float64: 1e-15, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SETTINGS = [
+    dict(momentum=m, dampening=d, weight_decay=wd, nesterov=nest)
+    for m, d, wd, nest in itertools.product([0.0, 0.9], [0.0, 0.3], [0.0, 5e-4], [False, True])
+    if not (nest and (m == 0 or d != 0))
+]
+
+_INPUTS = torch.Generator().manual_seed(4)
+
+
+def fresh(dtype=torch.float64, device="cpu", shapes=SHAPES):
+    return [torch.randn(s, generator=_INPUTS, dtype=torch.float64).to(dtype=dtype, device=device) for s in shapes]
+
+
+def loop_virtual_sgd(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov):
+    """SPEC §1 step 2, tensor by tensor, in float64."""
+    out = []
+    for p, g, b in zip(params, grads, buffers):
+        p = p.double()
+        if g is None:
+            out.append(p)
+            continue
+        d = g.double() + weight_decay * p
+        if momentum != 0:
+            b = d if b is None else momentum * b.double() + (1 - dampening) * d
+            d = d + momentum * b if nesterov else b
+        out.append(p - lr * d)
+    return out
+
+
+def assert_close_to(got, want, dtype):
+    """Every element within the dtype's tolerance, relative to the tensor's largest value (at least 1)."""
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        if w.numel():
+            error = (g.double().cpu() - w.cpu()).abs().max().item()
+            assert error <= TOLERANCE[dtype] * max(w.abs().max().item(), 1.0)
+
+
+@pytest.fixture(params=["compiled", "fallback"])
+def path(request, monkeypatch):
+    """Run a test once through the compiled kernels and once through the torch._foreach fallbacks."""
+    if request.param == "compiled":
+        if not ops.HAS_EXTENSION:
+            pytest.skip(f"metamask_fast._C not loaded ({ops._EXTENSION_ERROR})")
+        calls = []
+        for name in ("add_scaled_", "add_scaled", "virtual_sgd_step"):
+            monkeypatch.setattr(ops, f"_{name}_torch", lambda *a, _n=name: calls.append(_n))
+        yield request.param
+    else:
+        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+        yield request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_virtual_sgd_step_matches_loop(path, device, dtype, settings):
+    params = fresh(dtype, device)
+    grads = fresh(dtype, device)
+    buffers = fresh(dtype, device)
+    grads[1] = None  # no gradient: unchanged
+    buffers[0] = buffers[4] = None  # no buffer yet: the buffer is d
+    saved = [None if b is None else b.clone() for b in buffers]
+    got = ops.virtual_sgd_step(params, grads, buffers, lr=0.037, **settings)
+    assert_close_to(got, loop_virtual_sgd(params, grads, buffers, 0.037, **settings), dtype)
+    assert got[1] is not params[1] and torch.equal(got[1], params[1])
+    assert all((b is None and s is None) or torch.equal(b, s) for b, s in zip(buffers, saved))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_add_scaled_matches_loop(path, device, dtype):
+    tensors, others = fresh(dtype, device), fresh(dtype, device)
+    want = [t.double() - 0.31 * o.double() for t, o in zip(tensors, others)]
+    before = [t.clone() for t in tensors]
+    out_of_place = ops.add_scaled(tensors, others, -0.31)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert_close_to(out_of_place, want, dtype)
+    ops.add_scaled_(tensors, others, -0.31)
+    assert_close_to(tensors, want, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, out_of_place))
+
+
+@needs_extension
+def test_compiled_ops_are_called():
+    tensors, others = fresh(), fresh()
+    with torch.autograd.profiler.profile() as prof:
+        ops.add_scaled_(tensors, others, 0.5)
+        ops.add_scaled(tensors, others, 0.5)
+        ops.virtual_sgd_step(tensors, others, [None] * len(tensors), lr=0.1, momentum=0.9)
+    names = {e.name for e in prof.function_events}
+    assert {"metamask_fast::add_scaled_", "metamask_fast::add_scaled", "metamask_fast::virtual_sgd_step"} <= names
+
+
+def test_non_contiguous_inputs_take_the_fallback_and_are_right():
+    base = fresh(shapes=[(6, 8), (4, 10)])
+    tensors = [base[0].T, base[1][:, ::2]]
+    others = [torch.randn_like(t) for t in tensors]
+    want = [t + 2.0 * o for t, o in zip(tensors, others)]
+    torch.testing.assert_close(ops.add_scaled(tensors, others, 2.0), want, rtol=1e-15, atol=1e-15)
+    got = ops.virtual_sgd_step(tensors, others, [None, None], lr=0.1, momentum=0.9)
+    torch.testing.assert_close(got, loop_virtual_sgd(tensors, others, [None, None], 0.1, 0.9, 0.0, 0.0, False))
+
+
+OPCHECK_CASES = {
+    "add_scaled_": lambda: (fresh(), fresh(), 0.7),
+    "add_scaled": lambda: (fresh(), fresh(), -1.3),
+    "virtual_sgd_step": lambda: (fresh(), fresh(), [None, *fresh()[1:]], 0.1, 0.9, 0.1, 5e-4, False),
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("op", list(OPCHECK_CASES))
+def test_opcheck(op):
+    torch.library.opcheck(getattr(torch.ops.metamask_fast, op).default, OPCHECK_CASES[op]())
+
+
+BAD_COMPILED = [
+    ("add_scaled_", lambda: (fresh()[:2], fresh()[:3], 1.0), "equally long"),
+    ("add_scaled", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(4,)]), 1.0), r"others\[0\] must have the shape"),
+    ("add_scaled", lambda: (fresh(shapes=[(3,)]), fresh(torch.float32, shapes=[(3,)]), 1.0), "dtype and device"),
+    ("add_scaled_", lambda: ([torch.randn(4, 6, dtype=torch.float64).T], fresh(shapes=[(6, 4)]), 1.0),
+     r"tensors\[0\] must be contiguous"),
+    ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), [None, None], 0.1, 0.9, 0.0, 0.0, False),
+     "as long as `params`"),
+    ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), fresh(shapes=[(2,)]), 0.1, 0.9, 0.0, 0.0,
+                                  False), r"buffers\[0\] must have the shape"),
+    ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), [torch.randn(6, dtype=torch.float64)[::2]], [None], 0.1, 0.9,
+                                  0.0, 0.0, False), r"grads\[0\] must be contiguous"),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("op,make,message", BAD_COMPILED, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_COMPILED)])
+def test_compiled_ops_reject_bad_input(op, make, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.ops.metamask_fast, op).default(*make())
+
+
+def test_wrappers_reject_bad_input():
+    # (An empty list never reaches a kernel: the dispatcher needs a tensor to pick one.)
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.add_scaled([], [], 1.0)
+    with pytest.raises(ValueError, match="equally long"):
+        ops.add_scaled(fresh()[:2], fresh()[:3], 1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        ops.add_scaled(fresh(), fresh(), float("inf"))
+    with pytest.raises(ValueError, match=r"others\[1\]"):
+        ops.add_scaled_(fresh(shapes=[(2,), (3,)]), fresh(shapes=[(2,), (4,)]), 1.0)
+
+
+def test_metamask_step_same_with_compiled_ops_and_fallbacks(monkeypatch):
+    # The ops are the step's only elementwise sweeps over the weights: switching them changes nothing.
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    model = MetaMaskModel(backbone, 4, bt_dims=(9, 9, 11), cl_dims=(8, 5)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randn(7, 1, 5, 5, generator=g, dtype=torch.float64) for _ in range(2)) for _ in range(3)]
+
+    def train(m):
+        network = [p for name, p in m.named_parameters() if not name.startswith("mask.")]
+        step = MetaMaskStep(m, torch.optim.SGD(network, lr=0.05, momentum=0.9, weight_decay=5e-4),
+                            torch.optim.SGD([m.mask.logits], lr=0.05, momentum=0.9))
+        for x0, x1 in batches:
+            step.step(x0, x1)
+        return m
+
+    compiled = train(copy.deepcopy(model))
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    fallback = train(copy.deepcopy(model))
+    for (name, a), b in zip(compiled.named_parameters(), fallback.parameters()):
+        assert (a - b).abs().max() <= 1e-12 * max(b.abs().max().item(), 1.0), name
+    assert not torch.equal(compiled.mask.logits, model.mask.logits)
