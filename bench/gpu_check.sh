@@ -4,7 +4,7 @@
 # 1. builds and installs the package (CUDA kernels included) against the torch already there, offline;
 # 2. records nvidia-smi and the torch / CUDA / triton versions;
 # 3. runs the test files that hold the CUDA cases (continuing to the benchmarks if they fail);
-# 4. runs the CUDA loss benchmarks into $OUT/bench.json and $OUT/table.txt.
+# 4. runs the CUDA benchmarks of the loss and of the meta-step ops into $OUT/bench.json and $OUT/table.txt.
 # (The whole-step benchmark, bench/test_bench_step.py, is left to its own issue: it would not fit.)
 # Every stage has its own timeout; together they stay under 8 minutes. Logs and stage exit codes
 # ($OUT/summary.txt) land in $OUT. Exits non-zero if the build, the tests or a benchmark run failed.
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 # The compiled kernels, not the interpreter or a forced fallback.
 unset TRITON_INTERPRET METAMASK_FAST_NO_EXT METAMASK_FAST_BACKEND
 
-TESTS=(tests/test_triton_loss.py tests/test_ops.py)
+TESTS=(tests/test_triton_loss.py tests/test_ops.py tests/test_multi_tensor_ops.py)
 start=$SECONDS
 summary="$OUT/summary.txt"
 : >"$summary"
@@ -58,7 +58,7 @@ tail -n 40 "$OUT/tests.log"
 
 # 4. The CUDA benchmarks (their ids carry the device, so -k cuda selects them).
 bench_rc=0
-timeout -k 10 140 pytest bench/test_bench_losses.py --benchmark-only -k cuda -p no:cacheprovider \
+timeout -k 10 140 pytest bench/test_bench_losses.py bench/test_bench_ops.py --benchmark-only -k cuda -p no:cacheprovider \
     --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || bench_rc=$?
 record bench_losses "$bench_rc"
 if [[ -s "$OUT/bench.json" ]]; then

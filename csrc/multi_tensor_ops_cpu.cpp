@@ -1,7 +1,7 @@
 // CPU kernels of the meta-step sweeps: metamask_fast::add_scaled_, add_scaled and virtual_sgd_step.
 //
-// Each op is one at::parallel_for over the chunks of all tensors of its lists (cpu_chunks.h), with an
-// at::vec::Vectorized inner loop for float32 and float64. float16 and bfloat16 are computed in float32
+// Each op is one at::parallel_for over the chunks of all tensors of its lists (cpu_chunks.h), with a plain
+// inner loop that the compiler vectorises. float16 and bfloat16 are computed in float32
 // ("opmath") and rounded once per element. The arithmetic is the one of the PyTorch fallbacks in
 // metamask_fast/ops.py and of torch.optim.SGD, operation for operation, so results agree to rounding.
 
@@ -11,7 +11,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -26,64 +25,78 @@
 namespace metamask_fast {
 namespace {
 
-// True for the dtypes with a Vectorized<scalar_t> of their own arithmetic (float32, float64).
+// out[j] = x[j] + alpha * y[j]; out may be x. Plain loops that GCC vectorises at -O3: an extension build
+// lacks the CPU_CAPABILITY dispatch that makes at::vec::Vectorized wide in ATen's own kernels.
 template <typename scalar_t>
-constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-
-// out[j] = x[j] + alpha * y[j]; out may be x.
-template <typename scalar_t>
-void add_scaled_chunk(scalar_t* out, const scalar_t* x, const scalar_t* y, double alpha, int64_t n) {
+void add_scaled_chunk(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ y, double alpha, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto a = static_cast<opmath_t>(alpha);
-  int64_t j = 0;
-  if constexpr (kVectorized<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec va(a);
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      (Vec::loadu(x + j) + va * Vec::loadu(y + j)).store(out + j);
+  if (out == x) {  // in place: one pointer read and written, so the loop needs no aliasing check
+    scalar_t* __restrict__ inout = out;
+    for (int64_t j = 0; j < n; ++j) {
+      inout[j] = static_cast<scalar_t>(static_cast<opmath_t>(inout[j]) + a * static_cast<opmath_t>(y[j]));
     }
+    return;
   }
-  for (; j < n; ++j) {
-    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) + a * static_cast<opmath_t>(y[j]));
+  scalar_t* __restrict__ target = out;
+  for (int64_t j = 0; j < n; ++j) {
+    target[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) + a * static_cast<opmath_t>(y[j]));
   }
 }
 
-// The SGD update of one element type T (a scalar or a Vectorized register), in torch.optim.SGD's order:
-// d = g + wd θ; b' = μ b + (1 - dampening) d, or d without a buffer; u = d + μ b' (Nesterov) or b';
-// θ' = θ - lr u. Without momentum u = d.
+// torch.optim.SGD's update, in its order: d = g + wd θ; b' = μ b + (1 - dampening) d, or d without a
+// buffer; u = d + μ b' (Nesterov) or b'; θ' = θ - lr u. Without momentum u = d.
 struct SgdCoefficients {
   double lr, momentum, dampening, weight_decay;
   bool nesterov;
 };
 
-template <typename T>
-T sgd_update(T theta, T g, const T* buffer, const SgdCoefficients& c) {
-  const T d = c.weight_decay != 0 ? g + T(c.weight_decay) * theta : g;
-  T update = d;
-  if (c.momentum != 0) {
-    const T moved = buffer != nullptr ? *buffer * T(c.momentum) + T(1 - c.dampening) * d : d;
-    update = c.nesterov ? d + T(c.momentum) * moved : moved;
+// One loop per combination of the chunk-uniform switches, so each inner loop is branch-free and vectorises.
+template <typename scalar_t, bool kDecay, bool kMomentum, bool kBuffer, bool kNesterov>
+void sgd_loop(scalar_t* out, const scalar_t* theta, const scalar_t* grad, const scalar_t* buffer, int64_t n,
+              const SgdCoefficients& c) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto wd = static_cast<opmath_t>(c.weight_decay);
+  const auto mu = static_cast<opmath_t>(c.momentum);
+  const auto keep = static_cast<opmath_t>(1 - c.dampening);
+  const auto neg_lr = static_cast<opmath_t>(-c.lr);
+  for (int64_t j = 0; j < n; ++j) {
+    const auto t = static_cast<opmath_t>(theta[j]);
+    opmath_t d = static_cast<opmath_t>(grad[j]);
+    if constexpr (kDecay) d = d + wd * t;
+    opmath_t update = d;
+    if constexpr (kMomentum) {
+      opmath_t moved = d;
+      if constexpr (kBuffer) moved = static_cast<opmath_t>(buffer[j]) * mu + keep * d;
+      update = kNesterov ? d + mu * moved : moved;
+    }
+    out[j] = static_cast<scalar_t>(t + neg_lr * update);
   }
-  return theta + T(-c.lr) * update;
 }
 
 template <typename scalar_t>
 void virtual_sgd_chunk(
     scalar_t* out, const scalar_t* theta, const scalar_t* grad, const scalar_t* buffer, int64_t n,
     const SgdCoefficients& c) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  int64_t j = 0;
-  if constexpr (kVectorized<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      const Vec b = buffer != nullptr ? Vec::loadu(buffer + j) : Vec();
-      sgd_update(Vec::loadu(theta + j), Vec::loadu(grad + j), buffer != nullptr ? &b : nullptr, c).store(out + j);
+  const bool decay = c.weight_decay != 0, momentum = c.momentum != 0, has_buffer = buffer != nullptr;
+  auto run = [&](auto decay_t, auto momentum_t, auto buffer_t, auto nesterov_t) {
+    sgd_loop<scalar_t, decltype(decay_t)::value, decltype(momentum_t)::value, decltype(buffer_t)::value,
+             decltype(nesterov_t)::value>(out, theta, grad, buffer, n, c);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (!momentum) {
+    decay ? run(T{}, F{}, F{}, F{}) : run(F{}, F{}, F{}, F{});
+  } else if (has_buffer) {
+    if (c.nesterov) {
+      decay ? run(T{}, T{}, T{}, T{}) : run(F{}, T{}, T{}, T{});
+    } else {
+      decay ? run(T{}, T{}, T{}, F{}) : run(F{}, T{}, T{}, F{});
     }
-  }
-  for (; j < n; ++j) {
-    const opmath_t b = buffer != nullptr ? static_cast<opmath_t>(buffer[j]) : opmath_t(0);
-    out[j] = static_cast<scalar_t>(sgd_update(
-        static_cast<opmath_t>(theta[j]), static_cast<opmath_t>(grad[j]), buffer != nullptr ? &b : nullptr, c));
+  } else if (c.nesterov) {
+    decay ? run(T{}, T{}, F{}, T{}) : run(F{}, T{}, F{}, T{});
+  } else {
+    decay ? run(T{}, T{}, F{}, F{}) : run(F{}, T{}, F{}, F{});
   }
 }
 

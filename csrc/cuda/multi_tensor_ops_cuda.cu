@@ -1,0 +1,361 @@
+// CUDA kernels of metamask_fast::add_scaled_, add_scaled and virtual_sgd_step: element-wise ops over lists
+// of tensors (the math is that of the fallbacks in metamask_fast/ops.py).
+//
+//   add_scaled_(tensors, others, alpha)   tensors[i] += alpha * others[i], in place
+//   add_scaled(tensors, others, alpha)    new tensors tensors[i] + alpha * others[i]
+//   virtual_sgd_step(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov)
+//       new tensors θ' = θ - lr * upd, the step of torch.optim.SGD without touching params or buffers:
+//       d = g + wd θ; with momentum, b' = (no buffer) ? d : momentum b + (1 - dampening) d and
+//       upd = nesterov ? d + momentum b' : b'; without momentum, upd = d.
+//
+// Launch design (multi-tensor apply): every tensor is cut into chunks of kChunk elements and each block
+// handles one chunk. The tensor list's metadata (per tensor: one pointer per operand list and the size; per
+// block: which tensor and which chunk) travels BY VALUE as the kernel's argument, a struct of fixed capacity
+// (kMaxBlocks blocks, max_tensors(depth) tensors, under the 4 KiB kernel-parameter limit), so no host-to-device
+// copy is needed. The host loop fills the struct and launches whenever it is full; a tensor split across
+// launches continues in the next one. A ResNet-18 (62 tensors, 11.7M values, 405 chunks) or ~80 tensors of
+// 14M values (~480 chunks) take 2 launches per call, whatever the op.
+// Within a block, threads move 4 elements at a time with vector loads/stores when every operand of the chunk
+// is aligned to 4 elements (always so for tensors at the start of an allocation); otherwise, and for the
+// last < 4 elements of a chunk, they fall back to scalar accesses. Empty tensors launch nothing.
+//
+// Precision: arithmetic in at::opmath_type, float32 for float16/bfloat16/float32 and float64 for float64;
+// each result is rounded once to the tensors' dtype. Inputs must be contiguous (checked), on one CUDA device.
+
+// Per-operator headers instead of ATen/ATen.h: they compile much faster.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+// c10's stream header rather than ATen/cuda/CUDAContext.h, which needs the cuBLAS and cuSPARSE headers.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "../tensor_list_checks.h"
+
+namespace metamask_fast {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kVec = 4;     // elements per vector access
+constexpr int kUnroll = 2;  // vectors in flight per thread and iteration
+// Elements per block: 8 iterations of kThreads * kVec * kUnroll, a multiple of kVec as the vector path needs.
+constexpr int kChunk = 8 * kThreads * kVec * kUnroll;
+constexpr int kMaxBlocks = 384;  // blocks per launch
+// Bytes of kernel arguments for the metadata; the rest of the 4 KiB limit is left for the op's scalars.
+constexpr int kMetaBytes = 3840;
+static_assert(kChunk % kVec == 0, "the vector path needs chunks of whole vectors");
+
+// Tensors per launch for `depth` operand lists: what fits beside the per-block entries (5 bytes each).
+constexpr int max_tensors(int depth) {
+  return (kMetaBytes - kMaxBlocks * 5) / (8 * (depth + 1));
+}
+
+template <int depth>
+struct TensorListMeta {
+  static constexpr int kMaxTensors = max_tensors(depth);
+  static_assert(kMaxTensors > 0 && kMaxTensors <= 256, "block_tensor is one byte");
+  void* ptrs[depth][kMaxTensors];  // ptrs[k][t]: operand list k of tensor t; nullptr: absent (not read)
+  int64_t numel[kMaxTensors];
+  int32_t block_chunk[kMaxBlocks];  // chunk index, within its tensor, of each block
+  uint8_t block_tensor[kMaxBlocks];  // tensor slot of each block
+};
+
+template <typename scalar_t>
+struct alignas(sizeof(scalar_t) * kVec) Vec {
+  scalar_t v[kVec];
+};
+
+// Each op reads operand lists 0 .. kIn - 1 and writes list kOut (of kDepth); `present` has bit k set when list
+// k has a tensor for the current chunk (an absent input reads as 0).
+template <typename acc_t, int depth, int out>
+struct AddScaledOp {
+  static constexpr int kDepth = depth;
+  static constexpr int kIn = 2;
+  static constexpr int kOut = out;
+  acc_t alpha;
+  __device__ acc_t operator()(const acc_t (&v)[kIn], unsigned /*present*/) const {
+    return v[0] + alpha * v[1];
+  }
+};
+
+// Operands: 0 params, 1 grads, 2 momentum buffers (absent: none yet, or momentum 0), 3 output.
+template <typename acc_t>
+struct SgdOp {
+  static constexpr int kDepth = 4;
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 3;
+  acc_t lr, momentum, one_minus_dampening, weight_decay;
+  // Decided on the host from the float64 arguments, as torch.optim.SGD does (a tiny wd or momentum that
+  // rounds to 0 in float32 still enables its term).
+  bool use_weight_decay, use_momentum, nesterov;
+  __device__ acc_t operator()(const acc_t (&v)[kIn], unsigned present) const {
+    acc_t d = v[1];
+    if (use_weight_decay) {
+      d += weight_decay * v[0];
+    }
+    acc_t update = d;
+    if (use_momentum) {
+      const acc_t buffer = (present & (1u << 2)) ? momentum * v[2] + one_minus_dampening * d : d;
+      update = nesterov ? d + momentum * buffer : buffer;
+    }
+    return v[0] - lr * update;
+  }
+};
+
+template <typename scalar_t, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_kernel(const __grid_constant__ TensorListMeta<Op::kDepth> meta, const Op op) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kIn = Op::kIn;
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t left = meta.numel[t] - begin;
+  const int n = left < kChunk ? static_cast<int>(left) : kChunk;
+
+  // No __restrict__: add_scaled_ may be given one list twice, and in-place ops write what they read.
+  scalar_t* p[Op::kDepth];
+  unsigned present = 0;
+  bool aligned = true;
+#pragma unroll
+  for (int k = 0; k < Op::kDepth; ++k) {
+    p[k] = static_cast<scalar_t*>(meta.ptrs[k][t]);
+    if (p[k] != nullptr) {
+      p[k] += begin;
+      present |= 1u << k;
+      aligned = aligned && reinterpret_cast<uintptr_t>(p[k]) % sizeof(Vec<scalar_t>) == 0;
+    }
+  }
+
+  int scalar_begin = 0;
+  if (aligned) {
+    const int n_vec = n / kVec * kVec;
+    scalar_begin = n_vec;
+    for (int base = threadIdx.x * kVec; base < n_vec; base += kThreads * kVec * kUnroll) {
+      // All loads of the iteration first, then the math and the stores: kUnroll * kIn loads in flight.
+      acc_t x[kUnroll][kIn][kVec];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kThreads * kVec;
+#pragma unroll
+        for (int k = 0; k < kIn; ++k) {
+          if (i < n_vec && (present & (1u << k))) {
+            const Vec<scalar_t> raw = *reinterpret_cast<const Vec<scalar_t>*>(p[k] + i);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) {
+              x[u][k][j] = static_cast<acc_t>(raw.v[j]);
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) {
+              x[u][k][j] = acc_t(0);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kThreads * kVec;
+        if (i < n_vec) {
+          Vec<scalar_t> result;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            acc_t in[kIn];
+#pragma unroll
+            for (int k = 0; k < kIn; ++k) {
+              in[k] = x[u][k][j];
+            }
+            result.v[j] = static_cast<scalar_t>(op(in, present));
+          }
+          *reinterpret_cast<Vec<scalar_t>*>(p[Op::kOut] + i) = result;
+        }
+      }
+    }
+  }
+  for (int i = scalar_begin + threadIdx.x; i < n; i += kThreads) {
+    acc_t in[kIn];
+#pragma unroll
+    for (int k = 0; k < kIn; ++k) {
+      in[k] = (present & (1u << k)) ? static_cast<acc_t>(p[k][i]) : acc_t(0);
+    }
+    p[Op::kOut][i] = static_cast<scalar_t>(op(in, present));
+  }
+}
+
+// Runs `op` over every tensor: ptrs[t][k] is operand k of tensor t (nullptr: absent), numel[t] its size.
+template <typename scalar_t, typename Op>
+void multi_tensor_apply(
+    const std::vector<std::array<void*, Op::kDepth>>& ptrs, const std::vector<int64_t>& numel, const Op& op) {
+  using Meta = TensorListMeta<Op::kDepth>;
+  static_assert(sizeof(Meta) + sizeof(Op) <= 4096, "kernel arguments must fit in 4 KiB");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Meta meta{};
+  int slot = 0;  // slot of the current tensor in meta
+  int blocks = 0;
+  for (const auto t : c10::irange(numel.size())) {
+    if (numel[t] == 0) {
+      continue;
+    }
+    const int64_t chunks = (numel[t] + kChunk - 1) / kChunk;
+    TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "multi_tensor_apply: tensor too large");
+    for (const auto k : c10::irange(Op::kDepth)) {
+      meta.ptrs[k][slot] = ptrs[t][k];
+    }
+    meta.numel[slot] = numel[t];
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_tensor[blocks] = static_cast<uint8_t>(slot);
+      meta.block_chunk[blocks] = static_cast<int32_t>(c);
+      ++blocks;
+      const bool last_chunk = c + 1 == chunks;
+      if (blocks == kMaxBlocks || (last_chunk && slot + 1 == Meta::kMaxTensors)) {
+        multi_tensor_kernel<scalar_t, Op><<<blocks, kThreads, 0, stream>>>(meta, op);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        blocks = 0;
+        if (last_chunk) {
+          slot = -1;  // the next tensor starts at slot 0
+        } else {
+          // The rest of this tensor continues in slot 0 of the next launch.
+          for (const auto k : c10::irange(Op::kDepth)) {
+            meta.ptrs[k][0] = meta.ptrs[k][slot];
+          }
+          meta.numel[0] = meta.numel[slot];
+          slot = 0;
+        }
+      }
+    }
+    ++slot;
+  }
+  if (blocks > 0) {
+    multi_tensor_kernel<scalar_t, Op><<<blocks, kThreads, 0, stream>>>(meta, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// The lists are already checked to be on one device each and pairwise alike, so list[0] decides.
+void check_cuda(const char* op, const char* arg, at::TensorList tensors) {
+  TORCH_CHECK_VALUE(
+      tensors[0].is_cuda(), op, ": `", arg, "` must be on a CUDA device for this kernel, got ", tensors[0].device());
+}
+
+void check_add_scaled(const char* op, at::TensorList tensors, at::TensorList others) {
+  check_tensor_list(op, "tensors", tensors);
+  check_pairwise_like(op, "tensors", tensors, "others", others);
+  check_cuda(op, "tensors", tensors);
+  check_contiguous(op, "tensors", tensors);
+  check_contiguous(op, "others", others);
+}
+
+void add_scaled__cuda(at::TensorList tensors, at::TensorList others, double alpha) {
+  check_add_scaled("add_scaled_", tensors, others);
+  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  std::vector<std::array<void*, 2>> ptrs;
+  std::vector<int64_t> numel;
+  for (const auto i : c10::irange(tensors.size())) {
+    ptrs.push_back({tensors[i].mutable_data_ptr(), const_cast<void*>(others[i].const_data_ptr())});
+    numel.push_back(tensors[i].numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "add_scaled__cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    multi_tensor_apply<scalar_t>(ptrs, numel, AddScaledOp<acc_t, 2, 0>{static_cast<acc_t>(alpha)});
+  });
+}
+
+std::vector<at::Tensor> add_scaled_cuda(at::TensorList tensors, at::TensorList others, double alpha) {
+  check_add_scaled("add_scaled", tensors, others);
+  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  std::vector<at::Tensor> out;
+  std::vector<std::array<void*, 3>> ptrs;
+  std::vector<int64_t> numel;
+  for (const auto i : c10::irange(tensors.size())) {
+    out.push_back(at::empty(tensors[i].sizes(), tensors[i].options()));
+    ptrs.push_back({const_cast<void*>(tensors[i].const_data_ptr()), const_cast<void*>(others[i].const_data_ptr()),
+                    out.back().mutable_data_ptr()});
+    numel.push_back(tensors[i].numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "add_scaled_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    multi_tensor_apply<scalar_t>(ptrs, numel, AddScaledOp<acc_t, 3, 2>{static_cast<acc_t>(alpha)});
+  });
+  return out;
+}
+
+std::vector<at::Tensor> virtual_sgd_step_cuda(
+    at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
+    double momentum, double dampening, double weight_decay, bool nesterov) {
+  const char* op = "virtual_sgd_step";
+  check_tensor_list(op, "params", params);
+  check_pairwise_like(op, "params", params, "grads", grads);
+  check_cuda(op, "params", params);
+  check_contiguous(op, "params", params);
+  check_contiguous(op, "grads", grads);
+  TORCH_CHECK_VALUE(
+      buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
+      buffers.size(), " and ", params.size());
+  std::vector<std::optional<at::Tensor>> buffer(buffers.size());
+  for (const auto i : c10::irange(buffers.size())) {
+    buffer[i] = buffers.get(i);
+    if (!buffer[i].has_value() || !buffer[i]->defined()) {
+      buffer[i].reset();  // an undefined tensor counts as no buffer, as in the CPU kernel
+      continue;
+    }
+    const at::Tensor& b = *buffer[i];
+    TORCH_CHECK_VALUE(
+        b.sizes() == params[i].sizes(), op, ": buffers[", i, "] must have the shape of params[", i, "], ",
+        params[i].sizes(), ", got ", b.sizes());
+    TORCH_CHECK_VALUE(
+        b.scalar_type() == params[i].scalar_type() && b.device() == params[i].device(), op, ": buffers[", i,
+        "] must have the dtype and device of params[", i, "] (", params[i].scalar_type(), ", ", params[i].device(),
+        "), got ", b.scalar_type(), ", ", b.device());
+    TORCH_CHECK_VALUE(
+        b.is_contiguous(), op, ": buffers[", i, "] must be contiguous (its strides are ", b.strides(),
+        "); call .contiguous() on it first");
+  }
+
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const bool use_momentum = momentum != 0;
+  std::vector<at::Tensor> out;
+  std::vector<std::array<void*, 4>> ptrs;
+  std::vector<int64_t> numel;
+  for (const auto i : c10::irange(params.size())) {
+    out.push_back(at::empty(params[i].sizes(), params[i].options()));
+    // Without momentum the buffers do not enter the update, so they are not read.
+    void* b = use_momentum && buffer[i].has_value() ? const_cast<void*>(buffer[i]->const_data_ptr()) : nullptr;
+    ptrs.push_back({const_cast<void*>(params[i].const_data_ptr()), const_cast<void*>(grads[i].const_data_ptr()), b,
+                    out.back().mutable_data_ptr()});
+    numel.push_back(params[i].numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "virtual_sgd_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SgdOp<acc_t> sgd{};
+    sgd.lr = static_cast<acc_t>(lr);
+    sgd.momentum = static_cast<acc_t>(momentum);
+    sgd.one_minus_dampening = static_cast<acc_t>(1 - dampening);
+    sgd.weight_decay = static_cast<acc_t>(weight_decay);
+    sgd.use_weight_decay = weight_decay != 0;
+    sgd.use_momentum = use_momentum;
+    sgd.nesterov = nesterov;
+    multi_tensor_apply<scalar_t>(ptrs, numel, sgd);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metamask_fast, CUDA, m) {
+  m.impl("add_scaled_", &add_scaled__cuda);
+  m.impl("add_scaled", &add_scaled_cuda);
+  m.impl("virtual_sgd_step", &virtual_sgd_step_cuda);
+}
+
+}  // namespace metamask_fast
