@@ -18,7 +18,8 @@ from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 sources = sorted(glob.glob("csrc/*.cpp"))
-extra_compile_args = {"cxx": ["-O3"]}
+# ATen's at::parallel_for is a header-inlined OpenMP loop: without -fopenmp it compiles to a serial loop.
+extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
 if CUDA_HOME is not None and os.environ.get("METAMASK_FAST_CUDA", "1") != "0":
     extension = CUDAExtension
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -31,6 +32,8 @@ else:
     extension = CppExtension
 
 setup(
-    ext_modules=[extension("metamask_fast._C", sources, extra_compile_args=extra_compile_args)],
+    ext_modules=[
+        extension("metamask_fast._C", sources, extra_compile_args=extra_compile_args, extra_link_args=["-fopenmp"])
+    ],
     cmdclass={"build_ext": BuildExtension},
 )
