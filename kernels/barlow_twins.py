@@ -84,6 +84,22 @@ def _column_scale(rstd_ptr, w_ptr, cols, D, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _cross_tile(
+    x_ptr, y_ptr, cols_x, cols_y, stride_xn, stride_xd, stride_yn, stride_yd, N, D,
+    mean_x, scale_x, mean_y, scale_y,
+    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``x[:, cols_x]ᵀ y[:, cols_y]`` of the standardised (and weighted) matrices, over all N rows, in float32."""
+    tile = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        x = _load_standardized(x_ptr, rows, cols_x, stride_xn, stride_xd, N, D, mean_x, scale_x)
+        y = _load_standardized(y_ptr, rows, cols_y, stride_yn, stride_yd, N, D, mean_y, scale_y)
+        tile += tl.dot(tl.trans(x), y, input_precision=DOT_PRECISION)
+    return tile
+
+
+@triton.jit
 def _kappa(diag_ptr, cols, D, N, lambd):
     """``κ_i = ∂L/∂P_i = (-2 (1 - c_ii) - 2λ c_ii) / N`` for the columns ``cols`` (0 outside the matrix)."""
     diag = tl.load(diag_ptr + cols, mask=cols < D, other=1.0)
@@ -235,12 +251,10 @@ def _cross_corr_sq_kernel(
     scale_i = _column_scale(rstd_a_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
     mean_j = tl.load(mean_b_ptr + cols_j, mask=cols_j < D, other=0.0)
     scale_j = _column_scale(rstd_b_ptr, w_ptr, cols_j, D, HAS_WEIGHT)
-    tile = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        a = _load_standardized(za_ptr, rows, cols_i, stride_an, stride_ad, N, D, mean_i, scale_i)
-        b = _load_standardized(zb_ptr, rows, cols_j, stride_bn, stride_bd, N, D, mean_j, scale_j)
-        tile += tl.dot(tl.trans(a), b, input_precision=DOT_PRECISION)
+    tile = _cross_tile(
+        za_ptr, zb_ptr, cols_i, cols_j, stride_an, stride_ad, stride_bn, stride_bd, N, D,
+        mean_i, scale_i, mean_j, scale_j, BLOCK_D, BLOCK_D, BLOCK_N, DOT_PRECISION,
+    )
     tl.store(partial_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(tile * tile, axis=1), axis=0))
 
 
@@ -275,12 +289,10 @@ def _cross_corr_backward_kernel(
         cols_j = j_start + tl.arange(0, BLOCK_J)
         mean_oj = tl.load(mean_o_ptr + cols_j, mask=cols_j < D, other=0.0)
         scale_oj = _column_scale(rstd_o_ptr, w_ptr, cols_j, D, HAS_WEIGHT)
-        tile = tl.zeros((BLOCK_J, BLOCK_I), dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            rows = start + tl.arange(0, BLOCK_N)
-            x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
-            x_self = _load_standardized(z_self_ptr, rows, cols_i, stride_sn, stride_sd, N, D, mean_si, scale_si)
-            tile += tl.dot(tl.trans(x_other), x_self, input_precision=DOT_PRECISION)
+        tile = _cross_tile(
+            z_other_ptr, z_self_ptr, cols_j, cols_i, stride_on, stride_od, stride_sn, stride_sd, N, D,
+            mean_oj, scale_oj, mean_si, scale_si, BLOCK_J, BLOCK_I, BLOCK_N, DOT_PRECISION,
+        )
         for start in range(0, N, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
             x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
