@@ -198,3 +198,24 @@ def test_metamask_step_same_with_compiled_ops_and_fallbacks(monkeypatch):
     for (name, a), b in zip(compiled.named_parameters(), fallback.parameters()):
         assert (a - b).abs().max() <= 1e-12 * max(b.abs().max().item(), 1.0), name
     assert not torch.equal(compiled.mask.logits, model.mask.logits)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU and the extension's CUDA kernels")
+def test_cuda_launch_splitting_and_misaligned_views():
+    # More tensors than one launch holds, a tensor of more chunks than one launch holds, and views that
+    # start one element into their storage (no aligned vector path): the CUDA kernels against the loop.
+    g = torch.Generator().manual_seed(5)
+    sizes = [int(s) for s in torch.randint(1, 5000, (120,), generator=g)] + [13_000_001]
+
+    def make():
+        return [torch.randn(n + 1, generator=g, dtype=torch.float64)[1:].to("cuda") if i % 7 == 3
+                else torch.randn(n, generator=g, dtype=torch.float64).to("cuda") for i, n in enumerate(sizes)]
+    params, grads, buffers = make(), make(), make()
+    assert any(t.data_ptr() % 32 for t in params)
+    settings = dict(momentum=0.9, dampening=0.1, weight_decay=5e-4, nesterov=False)
+    got = ops.virtual_sgd_step(params, grads, buffers, lr=0.01, **settings)
+    assert_close_to(got, loop_virtual_sgd(params, grads, buffers, 0.01, **settings), torch.float64)
+    want = [t.double() + 0.5 * o.double() for t, o in zip(params, grads)]
+    assert_close_to(ops.add_scaled(params, grads, 0.5), want, torch.float64)
+    ops.add_scaled_(params, grads, 0.5)
+    assert_close_to(params, want, torch.float64)
