@@ -26,7 +26,8 @@ def weight_lists(device):
     params = [p.detach() for p in model.parameters()]
     grads = [torch.randn_like(p) for p in params]
     buffers = [torch.randn_like(p) for p in params]
-    return params, grads, buffers
+    kept = [torch.empty_like(p) for p in params]  # output tensors kept from call to call
+    return params, grads, buffers, kept
 
 
 def authors_virtual_step(params, grads, buffers):
@@ -51,6 +52,13 @@ def authors_perturb(params, vector):
     return shadow
 
 
+def foreach_perturb_into(params, vector, kept):
+    """The best ``torch._foreach`` form with kept output tensors: copy, then add in place (two sweeps)."""
+    torch._foreach_copy_(kept, params)
+    torch._foreach_add_(kept, vector, alpha=RADIUS)
+    return kept
+
+
 def authors_add_(tensors, vector):
     for t, v in zip(tensors, vector):
         t.add_(v, alpha=RADIUS)
@@ -62,26 +70,31 @@ def authors_norm(vector):
 
 CASES = {
     "virtual_sgd_step": {
-        "authors": lambda p, g, b: authors_virtual_step(p, g, b),
-        "foreach": lambda p, g, b: ops._virtual_sgd_step_torch(p, g, b, LR, MOMENTUM, 0.0, WEIGHT_DECAY, False),
-        "compiled": lambda p, g, b: ops.virtual_sgd_step(p, g, b, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+        "authors": lambda p, g, b, kept: authors_virtual_step(p, g, b),
+        "foreach": lambda p, g, b, kept: ops._virtual_sgd_step_torch(p, g, b, LR, MOMENTUM, 0.0, WEIGHT_DECAY, False),
+        "compiled": lambda p, g, b, kept: ops.virtual_sgd_step(p, g, b, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
     },
+    # θ + R·v into new tensors, and into tensors kept from call to call (what MetaMaskStep does).
     "add_scaled (θ + R·v)": {
-        "authors": lambda p, g, b: authors_perturb(p, g),
-        "foreach": lambda p, g, b: ops._add_scaled_torch(p, g, RADIUS),
-        "compiled": lambda p, g, b: ops.add_scaled(p, g, RADIUS),
+        "authors": lambda p, g, b, kept: authors_perturb(p, g),
+        "foreach": lambda p, g, b, kept: ops._add_scaled_torch(p, g, RADIUS),
+        "foreach_into_kept": lambda p, g, b, kept: foreach_perturb_into(p, g, kept),
+        "compiled": lambda p, g, b, kept: ops.add_scaled(p, g, RADIUS),
+        "compiled_into_kept": lambda p, g, b, kept: ops.add_scaled(p, g, RADIUS, out=kept),
     },
     "add_scaled_ (in place)": {
-        "authors": lambda p, g, b: authors_add_(b, g),
-        "foreach": lambda p, g, b: ops._add_scaled__torch(b, g, RADIUS),
-        "compiled": lambda p, g, b: ops.add_scaled_(b, g, RADIUS),
+        "authors": lambda p, g, b, kept: authors_add_(b, g),
+        "foreach": lambda p, g, b, kept: ops._add_scaled__torch(b, g, RADIUS),
+        "compiled": lambda p, g, b, kept: ops.add_scaled_(b, g, RADIUS),
     },
     "global_norm": {
-        "authors": lambda p, g, b: authors_norm(g),
-        "foreach": lambda p, g, b: ops._global_norm_torch(g),
-        "compiled": lambda p, g, b: ops.global_norm(g),
+        "authors": lambda p, g, b, kept: authors_norm(g),
+        "foreach": lambda p, g, b, kept: ops._global_norm_torch(g),
+        "compiled": lambda p, g, b, kept: ops.global_norm(g),
     },
 }
+# The fewest weight-list-sized arrays each op must read or write: its memory traffic, for GB/s.
+ARRAYS_MOVED = {"virtual_sgd_step": 4, "add_scaled": 3, "add_scaled_": 3, "global_norm": 1}
 PARAMS = [
     pytest.param(op, impl, device, id=f"{device}-{op.split()[0]}-{impl}")
     for device in DEVICES
@@ -93,17 +106,41 @@ _LISTS = {}
 
 @pytest.mark.parametrize("op,impl,device", PARAMS)
 def test_meta_step_op(benchmark, op, impl, device):
-    if impl == "compiled" and not ops.HAS_EXTENSION:
+    if impl.startswith("compiled") and not ops.HAS_EXTENSION:
         pytest.skip(f"metamask_fast._C not loaded ({ops._EXTENSION_ERROR})")
     benchmark.group = f"meta-step op {op} {device}"
     if device not in _LISTS:
         _LISTS[device] = weight_lists(device)
-    params, grads, buffers = _LISTS[device]
-    benchmark.extra_info["values_millions"] = sum(p.numel() for p in params) / 1e6
+    params, grads, buffers, kept = _LISTS[device]
+    values = sum(p.numel() for p in params)
+    benchmark.extra_info["values_millions"] = values / 1e6
+    benchmark.extra_info["mbytes_moved"] = ARRAYS_MOVED[op.split()[0]] * values * params[0].element_size() / 1e6
     fn = CASES[op][impl]
 
     def run():
-        fn(params, grads, buffers)
+        fn(params, grads, buffers, kept)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=15 if device == "cpu" else 50, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_bandwidth_reference(benchmark, device):
+    """One flat copy of the weight list's size: the memory bandwidth the sweeps above are bounded by, in the
+    same run (``report.py`` prints GB/s for both)."""
+    benchmark.group = f"meta-step op memory copy (bandwidth reference) {device}"
+    if device not in _LISTS:
+        _LISTS[device] = weight_lists(device)
+    params = _LISTS[device][0]
+    values = sum(p.numel() for p in params)
+    source = torch.randn(values, device=device)
+    target = torch.empty_like(source)
+    benchmark.extra_info["values_millions"] = values / 1e6
+    benchmark.extra_info["mbytes_moved"] = 2 * values * source.element_size() / 1e6
+
+    def run():
+        target.copy_(source)
         if device == "cuda":
             torch.cuda.synchronize()
 

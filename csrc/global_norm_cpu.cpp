@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_chunks.h"
+#include "cpu_loops.h"
 #include "tensor_list_checks.h"
 
 namespace metamask_fast {
@@ -26,30 +27,6 @@ namespace {
 
 // Chunks (cpu_chunks.h) are the unit of parallel work. Their partial sums are added in chunk order, so the
 // result does not depend on the number of threads.
-
-template <typename scalar_t>
-double sum_of_squares(const scalar_t* x, int64_t n) {
-  // Independent accumulators let the compiler vectorise without reassociating one running sum, which it
-  // may not do for floating point without -ffast-math.
-  constexpr int64_t kLanes = 8;
-  double lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const double v = static_cast<double>(x[i + j]);
-      lanes[j] += v * v;
-    }
-  }
-  double total = 0.0;
-  for (; i < n; ++i) {
-    const double v = static_cast<double>(x[i]);
-    total += v * v;
-  }
-  for (const double lane : lanes) {
-    total += lane;
-  }
-  return total;
-}
 
 at::Tensor global_norm_cpu(at::TensorList tensors) {
   check_tensor_list("global_norm", "tensors", tensors);
@@ -64,11 +41,13 @@ at::Tensor global_norm_cpu(at::TensorList tensors) {
 
   std::vector<double> partial(chunks.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "global_norm_cpu", [&] {
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (const auto c : c10::irange(begin, end)) {
-        const at::Tensor& t = contiguous[chunks[c].tensor];
-        partial[c] = sum_of_squares(t.const_data_ptr<scalar_t>() + chunks[c].offset, chunks[c].size);
-      }
+    with_cpu_loops([&](auto loops) {
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+        for (const auto c : c10::irange(begin, end)) {
+          const at::Tensor& t = contiguous[chunks[c].tensor];
+          partial[c] = loops.sum_of_squares(t.const_data_ptr<scalar_t>() + chunks[c].offset, chunks[c].size);
+        }
+      });
     });
   });
 

@@ -1,9 +1,9 @@
 // CPU kernels of the meta-step sweeps: metamask_fast::add_scaled_, add_scaled and virtual_sgd_step.
 //
-// Each op is one at::parallel_for over the chunks of all tensors of its lists (cpu_chunks.h), with a plain
-// inner loop that the compiler vectorises. float16 and bfloat16 are computed in float32
-// ("opmath") and rounded once per element. The arithmetic is the one of the PyTorch fallbacks in
-// metamask_fast/ops.py and of torch.optim.SGD, operation for operation, so results agree to rounding.
+// Each op is one at::parallel_for over the chunks of all tensors of its lists (cpu_chunks.h), running the
+// inner loops of cpu_loops.h (float16 and bfloat16 computed in float32). The arithmetic is the one of the
+// PyTorch fallbacks in metamask_fast/ops.py and of torch.optim.SGD, operation for operation, so results
+// agree to rounding.
 
 // Per-operator headers instead of ATen/ATen.h: they compile several times faster.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
@@ -20,68 +20,21 @@
 #include <vector>
 
 #include "cpu_chunks.h"
+#include "cpu_loops.h"
 #include "tensor_list_checks.h"
 
 namespace metamask_fast {
 namespace {
 
-// out[j] = x[j] + alpha * y[j]; out may be x. Plain loops that GCC vectorises at -O3: an extension build
-// lacks the CPU_CAPABILITY dispatch that makes at::vec::Vectorized wide in ATen's own kernels.
-template <typename scalar_t>
-void add_scaled_chunk(scalar_t* out, const scalar_t* x, const scalar_t* __restrict__ y, double alpha, int64_t n) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const auto a = static_cast<opmath_t>(alpha);
-  if (out == x) {  // in place: one pointer read and written, so the loop needs no aliasing check
-    scalar_t* __restrict__ inout = out;
-    for (int64_t j = 0; j < n; ++j) {
-      inout[j] = static_cast<scalar_t>(static_cast<opmath_t>(inout[j]) + a * static_cast<opmath_t>(y[j]));
-    }
-    return;
-  }
-  scalar_t* __restrict__ target = out;
-  for (int64_t j = 0; j < n; ++j) {
-    target[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) + a * static_cast<opmath_t>(y[j]));
-  }
-}
-
-// torch.optim.SGD's update, in its order: d = g + wd θ; b' = μ b + (1 - dampening) d, or d without a
-// buffer; u = d + μ b' (Nesterov) or b'; θ' = θ - lr u. Without momentum u = d.
-struct SgdCoefficients {
-  double lr, momentum, dampening, weight_decay;
-  bool nesterov;
-};
-
-// One loop per combination of the chunk-uniform switches, so each inner loop is branch-free and vectorises.
-template <typename scalar_t, bool kDecay, bool kMomentum, bool kBuffer, bool kNesterov>
-void sgd_loop(scalar_t* out, const scalar_t* theta, const scalar_t* grad, const scalar_t* buffer, int64_t n,
-              const SgdCoefficients& c) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const auto wd = static_cast<opmath_t>(c.weight_decay);
-  const auto mu = static_cast<opmath_t>(c.momentum);
-  const auto keep = static_cast<opmath_t>(1 - c.dampening);
-  const auto neg_lr = static_cast<opmath_t>(-c.lr);
-  for (int64_t j = 0; j < n; ++j) {
-    const auto t = static_cast<opmath_t>(theta[j]);
-    opmath_t d = static_cast<opmath_t>(grad[j]);
-    if constexpr (kDecay) d = d + wd * t;
-    opmath_t update = d;
-    if constexpr (kMomentum) {
-      opmath_t moved = d;
-      if constexpr (kBuffer) moved = static_cast<opmath_t>(buffer[j]) * mu + keep * d;
-      update = kNesterov ? d + mu * moved : moved;
-    }
-    out[j] = static_cast<scalar_t>(t + neg_lr * update);
-  }
-}
-
-template <typename scalar_t>
+// One chunk of the virtual step with the loop of `loops` (cpu_loops.h) for these switches.
+template <typename scalar_t, typename Loops>
 void virtual_sgd_chunk(
-    scalar_t* out, const scalar_t* theta, const scalar_t* grad, const scalar_t* buffer, int64_t n,
-    const SgdCoefficients& c) {
+    Loops loops, scalar_t* out, const scalar_t* theta, const scalar_t* grad, const scalar_t* buffer, int64_t n,
+    const SgdCoefficients& c, bool stream) {
   const bool decay = c.weight_decay != 0, momentum = c.momentum != 0, has_buffer = buffer != nullptr;
   auto run = [&](auto decay_t, auto momentum_t, auto buffer_t, auto nesterov_t) {
-    sgd_loop<scalar_t, decltype(decay_t)::value, decltype(momentum_t)::value, decltype(buffer_t)::value,
-             decltype(nesterov_t)::value>(out, theta, grad, buffer, n, c);
+    loops.template sgd<scalar_t, decltype(decay_t)::value, decltype(momentum_t)::value, decltype(buffer_t)::value,
+                       decltype(nesterov_t)::value>(out, theta, grad, buffer, n, c, stream);
   };
   using T = std::true_type;
   using F = std::false_type;
@@ -100,31 +53,33 @@ void virtual_sgd_chunk(
   }
 }
 
-void check_add_scaled(const char* op, at::TensorList tensors, at::TensorList others) {
-  check_tensor_list(op, "tensors", tensors);
-  check_pairwise_like(op, "tensors", tensors, "others", others);
-  check_contiguous(op, "tensors", tensors);
-  check_contiguous(op, "others", others);
-}
-
 // outs[i] = tensors[i] + alpha * others[i] over all chunks; outs may be tensors (in place).
 void add_scaled_into(at::TensorList outs, at::TensorList tensors, at::TensorList others, double alpha) {
   const std::vector<Chunk> chunks = make_chunks(tensors);
+  const bool stream = use_streaming_stores(outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "add_scaled_cpu", [&] {
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (const auto c : c10::irange(begin, end)) {
-        const Chunk& k = chunks[c];
-        add_scaled_chunk(
-            outs[k.tensor].data_ptr<scalar_t>() + k.offset, tensors[k.tensor].const_data_ptr<scalar_t>() + k.offset,
-            others[k.tensor].const_data_ptr<scalar_t>() + k.offset, alpha, k.size);
-      }
+    with_cpu_loops([&](auto loops) {
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+        for (const auto c : c10::irange(begin, end)) {
+          const Chunk& k = chunks[c];
+          loops.add_scaled(
+              outs[k.tensor].data_ptr<scalar_t>() + k.offset, tensors[k.tensor].const_data_ptr<scalar_t>() + k.offset,
+              others[k.tensor].const_data_ptr<scalar_t>() + k.offset, alpha, k.size, stream);
+        }
+      });
     });
   });
 }
 
 void add_scaled__cpu(at::TensorList tensors, at::TensorList others, double alpha) {
   check_add_scaled("add_scaled_", tensors, others);
+  check_no_overlap("add_scaled_", "tensors", tensors, "others", others, /*same_allowed=*/true);
   add_scaled_into(tensors, tensors, others, alpha);
+}
+
+void add_scaled_out_cpu(at::TensorList tensors, at::TensorList others, double alpha, at::TensorList out) {
+  check_add_scaled_out("add_scaled", tensors, others, out);
+  add_scaled_into(out, tensors, others, alpha);
 }
 
 std::vector<at::Tensor> add_scaled_cpu(at::TensorList tensors, at::TensorList others, double alpha) {
@@ -175,16 +130,19 @@ std::vector<at::Tensor> virtual_sgd_step_cpu(
   }
   const SgdCoefficients coefficients{lr, momentum, dampening, weight_decay, nesterov};
   const std::vector<Chunk> chunks = make_chunks(params);
+  const bool stream = use_streaming_stores(outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "virtual_sgd_step_cpu", [&] {
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (const auto c : c10::irange(begin, end)) {
-        const Chunk& k = chunks[c];
-        const at::Tensor* buffer = buffer_of[k.tensor];
-        virtual_sgd_chunk(
-            outs[k.tensor].data_ptr<scalar_t>() + k.offset, params[k.tensor].const_data_ptr<scalar_t>() + k.offset,
-            grads[k.tensor].const_data_ptr<scalar_t>() + k.offset,
-            buffer != nullptr ? buffer->const_data_ptr<scalar_t>() + k.offset : nullptr, k.size, coefficients);
-      }
+    with_cpu_loops([&](auto loops) {
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+        for (const auto c : c10::irange(begin, end)) {
+          const Chunk& k = chunks[c];
+          const at::Tensor* buffer = buffer_of[k.tensor];
+          virtual_sgd_chunk(
+              loops, outs[k.tensor].data_ptr<scalar_t>() + k.offset,
+              params[k.tensor].const_data_ptr<scalar_t>() + k.offset, grads[k.tensor].const_data_ptr<scalar_t>() + k.offset,
+              buffer != nullptr ? buffer->const_data_ptr<scalar_t>() + k.offset : nullptr, k.size, coefficients, stream);
+        }
+      });
     });
   });
   return outs;
@@ -195,6 +153,7 @@ std::vector<at::Tensor> virtual_sgd_step_cpu(
 TORCH_LIBRARY_IMPL(metamask_fast, CPU, m) {
   m.impl("add_scaled_", &add_scaled__cpu);
   m.impl("add_scaled", &add_scaled_cpu);
+  m.impl("add_scaled.out", &add_scaled_out_cpu);
   m.impl("virtual_sgd_step", &virtual_sgd_step_cpu);
 }
 

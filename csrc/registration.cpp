@@ -27,6 +27,9 @@ TORCH_LIBRARY(metamask_fast, m) {
   m.def("add_scaled_(Tensor(a!)[] tensors, Tensor[] others, float alpha) -> ()");
   // Out of place: new tensors tensors[i] + alpha * others[i] (the θ ± R·v of the finite difference).
   m.def("add_scaled(Tensor[] tensors, Tensor[] others, float alpha) -> Tensor[]");
+  // The same into given tensors (contiguous, like `tensors`; out[i] may be tensors[i] but must not overlap
+  // others[i]), so that a caller can keep them from step to step instead of allocating fresh memory.
+  m.def("add_scaled.out(Tensor[] tensors, Tensor[] others, float alpha, *, Tensor(a!)[] out) -> ()");
   // θ' = the weights torch.optim.SGD would produce from params, grads and momentum buffers (None: no buffer
   // yet), without touching params or buffers. Every param here has a gradient; see metamask_fast/ops.py.
   m.def(

@@ -4,6 +4,7 @@
 // (unsupported dtype), and always name the op and the argument.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
@@ -52,6 +53,37 @@ inline void check_pairwise_like(
         "] must have the dtype and device of ", name_a, "[", i, "] (", a[i].scalar_type(), ", ", a[i].device(),
         "), got ", b[i].scalar_type(), ", ", b[i].device());
   }
+}
+
+// written[i] must not share memory with read[i], except, where `same_allowed`, by being the very same
+// elements (an in-place update). Partial overlap would make the result depend on the order of the sweep.
+inline void check_no_overlap(
+    const char* op, const char* written_name, at::TensorList written, const char* read_name, at::TensorList read,
+    bool same_allowed) {
+  for (const auto i : c10::irange(written.size())) {
+    const at::MemOverlapStatus status = at::get_overlap_status(written[i], read[i]);
+    TORCH_CHECK_VALUE(
+        status == at::MemOverlapStatus::No || (same_allowed && status == at::MemOverlapStatus::Full), op, ": ",
+        written_name, "[", i, "] shares memory with ", read_name, "[", i, "]",
+        same_allowed ? " without being the same tensor" : "", "; pass a separate tensor");
+  }
+}
+
+// The arguments of add_scaled_ and add_scaled: contiguous lists, pairwise alike.
+inline void check_add_scaled(const char* op, at::TensorList tensors, at::TensorList others) {
+  check_tensor_list(op, "tensors", tensors);
+  check_pairwise_like(op, "tensors", tensors, "others", others);
+  check_contiguous(op, "tensors", tensors);
+  check_contiguous(op, "others", others);
+}
+
+// ... and of add_scaled.out: `out` like `tensors`, each out[i] either tensors[i] itself or separate memory.
+inline void check_add_scaled_out(const char* op, at::TensorList tensors, at::TensorList others, at::TensorList out) {
+  check_add_scaled(op, tensors, others);
+  check_pairwise_like(op, "tensors", tensors, "out", out);
+  check_contiguous(op, "out", out);
+  check_no_overlap(op, "out", out, "tensors", tensors, /*same_allowed=*/true);
+  check_no_overlap(op, "out", out, "others", others, /*same_allowed=*/false);
 }
 
 }  // namespace metamask_fast

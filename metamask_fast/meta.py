@@ -108,6 +108,9 @@ class MetaMaskStep:
         self.fd_radius = float(fd_radius)
         self._params = [p for group, _ in self._groups for p in group["params"]]
         self._names = [name for _, group_names in self._groups for name in group_names]
+        # θ ± R v of the finite difference, kept from step to step: allocating ~one model's worth of fresh
+        # memory each step costs more than the sweep that fills it (page faults, on the CPU).
+        self._perturbed: list[torch.Tensor] = []
 
     def _check_views(self, x0: torch.Tensor, x1: torch.Tensor) -> None:
         device, dtype = self.model.mask.logits.device, self.model.mask.logits.dtype
@@ -160,6 +163,15 @@ class MetaMaskStep:
                     virtual[name] = w.detach().requires_grad_()
         return virtual
 
+    def _perturbed_like(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The kept tensors for θ ± R v, (re)allocated when the weights with a direction change."""
+        kept = self._perturbed
+        if len(kept) != len(weights) or any(
+            k.shape != w.shape or k.dtype != w.dtype or k.device != w.device for k, w in zip(kept, weights)
+        ):
+            self._perturbed = kept = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+        return kept
+
     def _finite_difference_hvp(self, v: dict[str, torch.Tensor], buffers, x0, x1) -> torch.Tensor:
         """``(∂_m L_cl(θ + R v) - ∂_m L_cl(θ - R v)) / 2R`` with ``R = r / ‖v‖`` around the current θ."""
         params = dict(self.model.named_parameters())
@@ -176,7 +188,8 @@ class MetaMaskStep:
         radius = self.fd_radius / norm
         mask = self.model.mask.logits
 
-        perturbed = ops.add_scaled([params[name].detach() for name in names], directions, radius)
+        weights = [params[name].detach() for name in names]
+        perturbed = ops.add_scaled(weights, directions, radius, out=self._perturbed_like(weights))
         loss_plus = self._contrastive_loss_at(dict(zip(names, perturbed)), buffers, x0, x1, backbone_grad=False)
         (grad_plus,) = torch.autograd.grad(loss_plus, [mask])
         ops.add_scaled_(perturbed, directions, -2 * radius)

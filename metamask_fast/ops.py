@@ -156,12 +156,22 @@ _VIRTUAL_SGD_DEVICES = _kernel_devices("virtual_sgd_step")
 
 
 def _compiled(devices: frozenset[str], *lists: Sequence[torch.Tensor]) -> bool:
-    """Whether the compiled op with kernels for ``devices`` can take these lists (see the module docstring)."""
-    return (
-        HAS_EXTENSION
-        and lists[0][0].device.type in devices
-        and all(t.is_contiguous() for tensors in lists for t in tensors)
-    )
+    """Whether the compiled op with kernels for ``devices`` can take these lists (see the module docstring).
+
+    Cheap on purpose: it only looks at what picks the path (lists of contiguous tensors, the first one's
+    device). Everything else about the lists the kernels check themselves, in C++, with the messages of
+    the Python checks that the fallback path runs (checking a ResNet's lists in Python would cost a
+    third of the sweep)."""
+    if not HAS_EXTENSION:
+        return False
+    try:
+        return (
+            all(isinstance(tensors, (list, tuple)) for tensors in lists)
+            and lists[0][0].device.type in devices
+            and all(t.is_contiguous() for tensors in lists for t in tensors)
+        )
+    except (AttributeError, IndexError, TypeError):  # not lists of tensors: the Python checks say why
+        return False
 
 
 def _check_add_scaled(op: str, tensors, others, alpha) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
@@ -177,32 +187,92 @@ def add_scaled_(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
     ``tensors`` and ``others`` are equally long lists of tensors of one dtype on one device, pairwise of
     one shape; ``alpha`` a finite number. Not differentiable (it runs under ``torch.no_grad``).
     """
-    tensors, others, alpha = _check_add_scaled("add_scaled_", tensors, others, alpha)
+    alpha = check_number("add_scaled_: `alpha`", alpha)
     with torch.no_grad():
         if _compiled(_ADD_SCALED_DEVICES, tensors, others):
             torch.ops.metamask_fast.add_scaled_.default(tensors, others, alpha)
-        else:
-            _add_scaled__torch(tensors, others, alpha)
+            return
+        tensors, others, alpha = _check_add_scaled("add_scaled_", tensors, others, alpha)
+        _check_no_overlap("add_scaled_", "tensors", tensors, "others", others, same_allowed=True)
+        _add_scaled__torch(tensors, others, alpha)
 
 
 def _add_scaled__torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> None:
     torch._foreach_add_(tensors, others, alpha=alpha)
 
 
-def add_scaled(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
-    r"""New tensors :math:`x_i + \alpha\, y_i` for every pair (``tensors`` and ``others`` unchanged).
+def add_scaled(
+    tensors: Sequence[torch.Tensor],
+    others: Sequence[torch.Tensor],
+    alpha: float,
+    *,
+    out: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    r""":math:`x_i + \alpha\, y_i` for every pair, into new tensors or into ``out`` (``tensors`` and
+    ``others`` unchanged unless ``out`` is ``tensors``).
 
-    The same arguments as :func:`add_scaled_`. The results are contiguous and do not require grad.
+    The same arguments as :func:`add_scaled_`. Without ``out`` the results are new contiguous tensors. With
+    ``out``, a list of tensors like ``tensors`` (shape, dtype, device), they are written into ``out[i]``,
+    which may be ``tensors[i]`` itself but must not otherwise share memory with ``tensors[i]`` or
+    ``others[i]`` (``ValueError``); the list of the ``out`` tensors is returned. Keeping ``out`` from one call to the next saves
+    allocating and page-faulting fresh memory on every call, which on the CPU costs more than the sweep.
     """
-    tensors, others, alpha = _check_add_scaled("add_scaled", tensors, others, alpha)
+    alpha = check_number("add_scaled: `alpha`", alpha)
     with torch.no_grad():
-        if _compiled(_ADD_SCALED_DEVICES, tensors, others):
+        if out is None and _compiled(_ADD_SCALED_DEVICES, tensors, others):
             return list(torch.ops.metamask_fast.add_scaled.default(tensors, others, alpha))
-        return _add_scaled_torch(tensors, others, alpha)
+        if out is not None and _compiled(_ADD_SCALED_DEVICES, tensors, others, out):
+            torch.ops.metamask_fast.add_scaled.out(tensors, others, alpha, out=out)
+            return list(out)
+        tensors, others, alpha = _check_add_scaled("add_scaled", tensors, others, alpha)
+        if out is None:
+            return _add_scaled_torch(tensors, others, alpha)
+        out = _check_tensor_list("add_scaled", "out", out)
+        _check_pairs("add_scaled", "tensors", tensors, "out", out)
+        _check_no_overlap("add_scaled", "out", out, "tensors", tensors, same_allowed=True)
+        _check_no_overlap("add_scaled", "out", out, "others", others, same_allowed=False)
+        _add_scaled_out_torch(tensors, others, alpha, out)
+        return out
 
 
 def _add_scaled_torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
     return [t.contiguous() for t in torch._foreach_add(tensors, others, alpha=alpha)]
+
+
+def _add_scaled_out_torch(
+    tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float, out: list[torch.Tensor]
+) -> None:
+    """Fallback of ``add_scaled(..., out=out)``: ``out = x`` then ``out += α y``, the same rounding as
+    ``x + α y``. Correct because ``out[i]`` is ``tensors[i]`` or does not overlap either input."""
+    torch._foreach_copy_(out, tensors)
+    torch._foreach_add_(out, others, alpha=alpha)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The first and one-past-last byte that ``t`` can touch, ``(0, 0)`` for an empty tensor (torch strides
+    are never negative)."""
+    if t.numel() == 0:
+        return 0, 0
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (span + 1) * t.itemsize
+
+
+def _check_no_overlap(
+    op: str, written_name: str, written: list[torch.Tensor], read_name: str, read: list[torch.Tensor], *, same_allowed: bool
+) -> None:
+    """``written[i]`` must not share memory with ``read[i]``, except, where ``same_allowed``, by being the very
+    same elements (an in-place update). The same rule and message as the C++ ``check_no_overlap``."""
+    for i, (w, r) in enumerate(zip(written, read)):
+        (w_low, w_high), (r_low, r_high) = _byte_range(w), _byte_range(r)
+        if w_low >= r_high or r_low >= w_high:
+            continue
+        if same_allowed and w.data_ptr() == r.data_ptr() and w.stride() == r.stride():
+            continue
+        raise ValueError(
+            f"{op}: {written_name}[{i}] shares memory with {read_name}[{i}]"
+            + (" without being the same tensor" if same_allowed else "")
+            + "; pass a separate tensor"
+        )
 
 
 def virtual_sgd_step(
@@ -296,6 +366,11 @@ def _add_scaled_fake(tensors, others, alpha) -> list[torch.Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
+def _add_scaled_out_fake(tensors, others, alpha, *, out) -> None:
+    _check_add_scaled("add_scaled", list(tensors), list(others), alpha)
+    _check_pairs("add_scaled", "tensors", list(tensors), "out", list(out))
+
+
 def _virtual_sgd_step_fake(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov):
     _check_tensor_list("virtual_sgd_step", "params", list(params))
     _check_pairs("virtual_sgd_step", "params", list(params), "grads", list(grads))
@@ -305,6 +380,7 @@ def _virtual_sgd_step_fake(params, grads, buffers, lr, momentum, dampening, weig
 if HAS_EXTENSION:
     torch.library.register_fake("metamask_fast::add_scaled_")(_add_scaled__fake)
     torch.library.register_fake("metamask_fast::add_scaled")(_add_scaled_fake)
+    torch.library.register_fake("metamask_fast::add_scaled.out")(_add_scaled_out_fake)
     torch.library.register_fake("metamask_fast::virtual_sgd_step")(_virtual_sgd_step_fake)
 
 

@@ -7,6 +7,7 @@ is not loaded (``METAMASK_FAST_NO_EXT=1`` in CI's second pass).
 """
 
 import copy
+import math
 import itertools
 
 import pytest
@@ -70,7 +71,7 @@ def path(request, monkeypatch):
         if not ops.HAS_EXTENSION:
             pytest.skip(f"metamask_fast._C not loaded ({ops._EXTENSION_ERROR})")
         calls = []
-        for name in ("add_scaled_", "add_scaled", "virtual_sgd_step"):
+        for name in ("add_scaled_", "add_scaled", "add_scaled_out", "virtual_sgd_step"):
             monkeypatch.setattr(ops, f"_{name}_torch", lambda *a, _n=name: calls.append(_n))
         yield request.param
     else:
@@ -108,15 +109,105 @@ def test_add_scaled_matches_loop(path, device, dtype):
     assert all(torch.equal(a, b) for a, b in zip(tensors, out_of_place))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_add_scaled_into_out_matches_loop(path, device, dtype):
+    tensors, others = fresh(dtype, device), fresh(dtype, device)
+    want = [t.double() + 0.43 * o.double() for t, o in zip(tensors, others)]
+    before = [t.clone() for t in tensors]
+    out = [torch.full_like(t, float("nan")) for t in tensors]  # stale contents must not leak into the result
+    got = ops.add_scaled(tensors, others, 0.43, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert_close_to(out, want, dtype)
+    # Bitwise the same as the allocating form, and as out=tensors (in place).
+    assert all(torch.equal(a, b) for a, b in zip(out, ops.add_scaled(tensors, others, 0.43)))
+    ops.add_scaled(tensors, others, 0.43, out=tensors)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_add_scaled_of_a_list_with_itself(path, device, dtype):
+    tensors = fresh(dtype, device)
+    want = [t.double() + 1.5 * t.double() for t in tensors]
+    out = [torch.empty_like(t) for t in tensors]
+    ops.add_scaled(tensors, tensors, 1.5, out=out)
+    assert_close_to(out, want, dtype)
+    ops.add_scaled_(tensors, tensors, 1.5)  # x += 1.5 x: the one list read and written
+    assert_close_to(tensors, want, dtype)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_large_lists_through_the_streaming_stores(dtype):
+    # Outputs of 16 MiB or more are written with non-temporal stores in 16-byte blocks after a head that
+    # aligns them: views one element into their storage start misaligned, and odd sizes leave tails.
+    def views(shapes, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(n + 1, generator=g, dtype=torch.float64).to(dtype)[1:].view(shape)
+                for n, shape in ((math.prod(s), s) for s in shapes)]
+
+    values = (20 << 20) // torch.empty((), dtype=dtype).element_size()
+    shapes = [(values // 3 + 5,), (3,), (values // 3, 2), (1,)]
+    tensors, others, grads, buffers = (views(shapes, seed) for seed in range(4))
+    assert tensors[0].data_ptr() % 16 != 0
+    out = views(shapes, 9)
+    ops.add_scaled(tensors, others, -0.29, out=out)
+    assert_close_to(out, [t.double() - 0.29 * o.double() for t, o in zip(tensors, others)], dtype)
+    fresh_out = ops.add_scaled(tensors, others, -0.29)
+    assert all(torch.equal(a, b) for a, b in zip(out, fresh_out))
+    settings = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False)
+    got = ops.virtual_sgd_step(tensors, grads, [None, *buffers[1:]], lr=0.05, **settings)
+    want = loop_virtual_sgd(tensors, grads, [None, *buffers[1:]], 0.05, **settings)
+    assert_close_to(got, want, dtype)
+
+
+OVERLAPS = [  # (what, op call given one 10-element float64 storage `s`, message)
+    ("add_scaled_ partial", lambda s: ops.add_scaled_([s[:6]], [s[4:]], 1.0),
+     r"add_scaled_: tensors\[0\] shares memory with others\[0\] without being the same tensor"),
+    ("out is others", lambda s: ops.add_scaled([s[:5]], [s[5:]], 1.0, out=[s[5:]]),
+     r"add_scaled: out\[0\] shares memory with others\[0\];"),
+    ("out partly tensors", lambda s: ops.add_scaled([s[:5]], [torch.ones(5, dtype=s.dtype)], 1.0, out=[s[1:6]]),
+     r"add_scaled: out\[0\] shares memory with tensors\[0\] without being the same tensor"),
+]
+
+
+@pytest.mark.parametrize("what,call,message", OVERLAPS, ids=[o[0] for o in OVERLAPS])
+def test_overlapping_lists_are_refused(path, what, call, message):
+    storage = torch.arange(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        call(storage)
+    assert torch.equal(storage, torch.arange(10, dtype=torch.float64))  # refused before anything was written
+
+
+@needs_extension
+@pytest.mark.parametrize("what,call,message", OVERLAPS, ids=[o[0] for o in OVERLAPS])
+def test_compiled_ops_refuse_overlapping_lists(what, call, message, monkeypatch):
+    # The C++ checks on their own, with the wrapper's Python checks switched off.
+    monkeypatch.setattr(ops, "_check_no_overlap", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ops, "_add_scaled__torch", lambda *a: pytest.fail("fallback called"))
+    monkeypatch.setattr(ops, "_add_scaled_out_torch", lambda *a: pytest.fail("fallback called"))
+    storage = torch.arange(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        call(storage)
+    assert torch.equal(storage, torch.arange(10, dtype=torch.float64))
+
+
 @needs_extension
 def test_compiled_ops_are_called():
     tensors, others = fresh(), fresh()
     with torch.autograd.profiler.profile() as prof:
         ops.add_scaled_(tensors, others, 0.5)
         ops.add_scaled(tensors, others, 0.5)
+        ops.add_scaled(tensors, others, 0.5, out=[torch.empty_like(t) for t in tensors])
         ops.virtual_sgd_step(tensors, others, [None] * len(tensors), lr=0.1, momentum=0.9)
-    names = {e.name for e in prof.function_events}
-    assert {"metamask_fast::add_scaled_", "metamask_fast::add_scaled", "metamask_fast::virtual_sgd_step"} <= names
+    names = [e.name for e in prof.function_events]
+    # (The profiler names an op without its overload: add_scaled.out shows as a second add_scaled.)
+    assert [n for n in names if n.startswith("metamask_fast::")] == [
+        "metamask_fast::add_scaled_", "metamask_fast::add_scaled", "metamask_fast::add_scaled",
+        "metamask_fast::virtual_sgd_step",
+    ]
 
 
 def test_non_contiguous_inputs_take_the_fallback_and_are_right():
@@ -129,23 +220,30 @@ def test_non_contiguous_inputs_take_the_fallback_and_are_right():
     torch.testing.assert_close(got, loop_virtual_sgd(tensors, others, [None, None], 0.1, 0.9, 0.0, 0.0, False))
 
 
-OPCHECK_CASES = {
-    "add_scaled_": lambda: (fresh(), fresh(), 0.7),
-    "add_scaled": lambda: (fresh(), fresh(), -1.3),
-    "virtual_sgd_step": lambda: (fresh(), fresh(), [None, *fresh()[1:]], 0.1, 0.9, 0.1, 5e-4, False),
+OPCHECK_CASES = {  # overload: (args, kwargs)
+    "add_scaled_.default": lambda: ((fresh(), fresh(), 0.7), {}),
+    "add_scaled.default": lambda: ((fresh(), fresh(), -1.3), {}),
+    "add_scaled.out": lambda: ((fresh(), fresh(), -1.3), {"out": fresh()}),
+    "virtual_sgd_step.default": lambda: ((fresh(), fresh(), [None, *fresh()[1:]], 0.1, 0.9, 0.1, 5e-4, False), {}),
 }
 
 
 @needs_extension
 @pytest.mark.parametrize("op", list(OPCHECK_CASES))
 def test_opcheck(op):
-    torch.library.opcheck(getattr(torch.ops.metamask_fast, op).default, OPCHECK_CASES[op]())
+    packet, overload = op.split(".")
+    args, kwargs = OPCHECK_CASES[op]()
+    torch.library.opcheck(getattr(getattr(torch.ops.metamask_fast, packet), overload), args, kwargs)
 
 
 BAD_COMPILED = [
     ("add_scaled_", lambda: (fresh()[:2], fresh()[:3], 1.0), "equally long"),
     ("add_scaled", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(4,)]), 1.0), r"others\[0\] must have the shape"),
     ("add_scaled", lambda: (fresh(shapes=[(3,)]), fresh(torch.float32, shapes=[(3,)]), 1.0), "dtype and device"),
+    ("add_scaled.out", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), 1.0, fresh(torch.float32, shapes=[(3,)])),
+     r"out\[0\] must have the dtype and device"),
+    ("add_scaled.out", lambda: (fresh(shapes=[(2, 3)]), fresh(shapes=[(2, 3)]), 1.0, [fresh(shapes=[(3, 2)])[0].T]),
+     r"out\[0\] must be contiguous"),
     ("add_scaled_", lambda: ([torch.randn(4, 6, dtype=torch.float64).T], fresh(shapes=[(6, 4)]), 1.0),
      r"tensors\[0\] must be contiguous"),
     ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), [None, None], 0.1, 0.9, 0.0, 0.0, False),
@@ -160,8 +258,13 @@ BAD_COMPILED = [
 @needs_extension
 @pytest.mark.parametrize("op,make,message", BAD_COMPILED, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_COMPILED)])
 def test_compiled_ops_reject_bad_input(op, make, message):
+    packet, _, overload = op.partition(".")
     with pytest.raises(ValueError, match=message):
-        getattr(torch.ops.metamask_fast, op).default(*make())
+        if overload == "out":
+            *args, out = make()
+            torch.ops.metamask_fast.add_scaled.out(*args, out=out)
+        else:
+            getattr(torch.ops.metamask_fast, packet).default(*make())
 
 
 def test_wrappers_reject_bad_input():
@@ -174,6 +277,12 @@ def test_wrappers_reject_bad_input():
         ops.add_scaled(fresh(), fresh(), float("inf"))
     with pytest.raises(ValueError, match=r"others\[1\]"):
         ops.add_scaled_(fresh(shapes=[(2,), (3,)]), fresh(shapes=[(2,), (4,)]), 1.0)
+    with pytest.raises(ValueError, match=r"out\[1\] must have the shape of tensors\[1\]"):
+        ops.add_scaled(fresh(shapes=[(2,), (3,)]), fresh(shapes=[(2,), (3,)]), 1.0, out=fresh(shapes=[(2,), (4,)]))
+    with pytest.raises(ValueError, match="equally long"):
+        ops.add_scaled(fresh(), fresh(), 1.0, out=fresh()[:2])
+    with pytest.raises(TypeError, match="`out` must be a list"):
+        ops.add_scaled(fresh(), fresh(), 1.0, out=fresh()[0])
 
 
 def test_metamask_step_same_with_compiled_ops_and_fallbacks(monkeypatch):

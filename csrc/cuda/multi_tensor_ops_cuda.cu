@@ -3,6 +3,7 @@
 //
 //   add_scaled_(tensors, others, alpha)   tensors[i] += alpha * others[i], in place
 //   add_scaled(tensors, others, alpha)    new tensors tensors[i] + alpha * others[i]
+//   add_scaled.out(..., out)              the same into out[i]
 //   virtual_sgd_step(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov)
 //       new tensors θ' = θ - lr * upd, the step of torch.optim.SGD without touching params or buffers:
 //       d = g + wd θ; with momentum, b' = (no buffer) ? d : momentum b + (1 - dampening) d and
@@ -248,16 +249,26 @@ void check_cuda(const char* op, const char* arg, at::TensorList tensors) {
       tensors[0].is_cuda(), op, ": `", arg, "` must be on a CUDA device for this kernel, got ", tensors[0].device());
 }
 
-void check_add_scaled(const char* op, at::TensorList tensors, at::TensorList others) {
-  check_tensor_list(op, "tensors", tensors);
-  check_pairwise_like(op, "tensors", tensors, "others", others);
-  check_cuda(op, "tensors", tensors);
-  check_contiguous(op, "tensors", tensors);
-  check_contiguous(op, "others", others);
+// tensors[i] + alpha * others[i] into outs[i], separate tensors: add_scaled and add_scaled.out.
+void launch_add_scaled(at::TensorList outs, at::TensorList tensors, at::TensorList others, double alpha) {
+  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  std::vector<std::array<void*, 3>> ptrs;
+  std::vector<int64_t> numel;
+  for (const auto i : c10::irange(tensors.size())) {
+    ptrs.push_back({const_cast<void*>(tensors[i].const_data_ptr()), const_cast<void*>(others[i].const_data_ptr()),
+                    outs[i].mutable_data_ptr()});
+    numel.push_back(tensors[i].numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "add_scaled_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    multi_tensor_apply<scalar_t>(ptrs, numel, AddScaledOp<acc_t, 3, 2>{static_cast<acc_t>(alpha)});
+  });
 }
 
 void add_scaled__cuda(at::TensorList tensors, at::TensorList others, double alpha) {
   check_add_scaled("add_scaled_", tensors, others);
+  check_cuda("add_scaled_", "tensors", tensors);
+  check_no_overlap("add_scaled_", "tensors", tensors, "others", others, /*same_allowed=*/true);
   const c10::cuda::CUDAGuard device_guard(tensors[0].device());
   std::vector<std::array<void*, 2>> ptrs;
   std::vector<int64_t> numel;
@@ -273,21 +284,20 @@ void add_scaled__cuda(at::TensorList tensors, at::TensorList others, double alph
 
 std::vector<at::Tensor> add_scaled_cuda(at::TensorList tensors, at::TensorList others, double alpha) {
   check_add_scaled("add_scaled", tensors, others);
-  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  check_cuda("add_scaled", "tensors", tensors);
   std::vector<at::Tensor> out;
-  std::vector<std::array<void*, 3>> ptrs;
-  std::vector<int64_t> numel;
-  for (const auto i : c10::irange(tensors.size())) {
-    out.push_back(at::empty(tensors[i].sizes(), tensors[i].options()));
-    ptrs.push_back({const_cast<void*>(tensors[i].const_data_ptr()), const_cast<void*>(others[i].const_data_ptr()),
-                    out.back().mutable_data_ptr()});
-    numel.push_back(tensors[i].numel());
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    out.push_back(at::empty(t.sizes(), t.options()));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "add_scaled_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    multi_tensor_apply<scalar_t>(ptrs, numel, AddScaledOp<acc_t, 3, 2>{static_cast<acc_t>(alpha)});
-  });
+  launch_add_scaled(out, tensors, others, alpha);
   return out;
+}
+
+void add_scaled_out_cuda(at::TensorList tensors, at::TensorList others, double alpha, at::TensorList out) {
+  check_add_scaled_out("add_scaled", tensors, others, out);
+  check_cuda("add_scaled", "tensors", tensors);
+  launch_add_scaled(out, tensors, others, alpha);
 }
 
 std::vector<at::Tensor> virtual_sgd_step_cuda(
@@ -355,6 +365,7 @@ std::vector<at::Tensor> virtual_sgd_step_cuda(
 TORCH_LIBRARY_IMPL(metamask_fast, CUDA, m) {
   m.impl("add_scaled_", &add_scaled__cuda);
   m.impl("add_scaled", &add_scaled_cuda);
+  m.impl("add_scaled.out", &add_scaled_out_cuda);
   m.impl("virtual_sgd_step", &virtual_sgd_step_cuda);
 }
 
