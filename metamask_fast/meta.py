@@ -10,11 +10,19 @@ mask, ``L = L_bt + w_cl · L_cl`` and η, μ, wd the network optimizer's lr, mom
 3. Direct term ``∂_m L_cl(θ', M)`` and ``v = ∇_θ' L_cl(θ', M)``.
 4. ``second_order="finite_difference"``: ``R = r / ‖v‖``,
    ``HVP ≈ (∂_m L_cl(θ_{t+1} + R v, M) - ∂_m L_cl(θ_{t+1} - R v, M)) / 2R`` and the mask gradient is
-   ``direct - η · HVP``. ``second_order="none"`` (first order) uses the direct term alone.
+   ``direct - η · HVP``. ``second_order="exact"``: the same with the exact
+   ``HVP = ∂_m ⟨∇_θ L_cl(θ_{t+1}, M), v⟩``, the finite difference's limit as r → 0, computed by
+   forward-mode differentiation of the mask gradient along v (:func:`torch.func.jvp`).
+   ``second_order="none"`` (first order) uses the direct term alone.
 5. The mask optimizer steps with that gradient.
 
+With ``meta_interval=k`` steps 2-5 run on every k-th call only (the first call included); the other calls
+are step 1 alone, the network's regular step.
+
 The virtual weights are evaluated with :func:`torch.func.functional_call` on the model's own modules (no
-second model copy). Those evaluations run on scratch copies of the BatchNorm buffers, so the running
+second model copy). The exact second-order term runs BatchNorm on batch statistics without running
+buffers (in training mode they do not enter any output), because :func:`torch.func.jvp` cannot update
+buffers in place. Those evaluations run on scratch copies of the BatchNorm buffers, so the running
 statistics of the real model see exactly the forwards of the authors' code: the regular step's and step 2's.
 (One exception, with no effect on any output: the authors also run the Barlow Twins head in step 2, which
 moves that head's running statistics once more; here the head is skipped there.)
@@ -23,8 +31,10 @@ moves that head's running statistics once more; here the head is skipped there.)
 from __future__ import annotations
 
 import math
+import time
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from metamask_fast import ops
@@ -33,7 +43,18 @@ from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 
 __all__ = ["MetaMaskStep"]
 
-_SECOND_ORDER = ("finite_difference", "none")
+_SECOND_ORDER = ("finite_difference", "exact", "none")
+
+
+def _batch_statistics_only(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Buffers for :func:`functional_call` that make every BatchNorm normalise with batch statistics and
+    update nothing (its running buffers replaced by None); other buffers as they are."""
+    buffers: dict[str, torch.Tensor | None] = dict(model.named_buffers())
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buffers[f"{prefix}.{name}" if prefix else name] = None
+    return buffers
 
 
 def _sub_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,8 +71,13 @@ class MetaMaskStep:
     dampening, weight decay and nesterov flag define the virtual step, and η of the second-order term is
     the lr of its first parameter group. ``mask_optimizer``: any optimizer over ``model.mask.logits``.
 
-    ``second_order``: ``"finite_difference"`` (the authors' estimate, the default) or ``"none"`` (first
-    order). The exact mixed second derivative (``"exact"`` in SPEC §2) arrives with the fast step engine.
+    ``second_order``: ``"finite_difference"`` (the authors' estimate, the default), ``"exact"`` (the mixed
+    second derivative it estimates, by forward-mode differentiation) or ``"none"`` (first order).
+    ``fd_radius``: r of the finite difference. ``meta_interval``: run the mask's meta step (steps 2-5) on
+    every ``meta_interval``-th call only, the first call included; :attr:`step_count` counts the calls (set
+    it when resuming a run, so that the schedule continues). ``timings``: add the seconds spent in each
+    phase to the returned dict (``time_regular``, ``time_virtual``: steps 2 and the virtual step,
+    ``time_outer``: step 3, ``time_second_order``: step 4), synchronising CUDA at each phase's end.
     """
 
     def __init__(
@@ -65,6 +91,8 @@ class MetaMaskStep:
         temperature: float = 0.07,
         second_order: str = "finite_difference",
         fd_radius: float = 1e-2,
+        meta_interval: int = 1,
+        timings: bool = False,
     ):
         for attr in ("backbone", "bt_head", "cl_head", "mask"):
             if not hasattr(model, attr):
@@ -82,6 +110,10 @@ class MetaMaskStep:
         check_number("lambd", lambd, minimum=0)
         check_number("temperature", temperature, minimum=0, strict=True)
         check_number("fd_radius", fd_radius, minimum=0, strict=True)
+        if isinstance(meta_interval, bool) or not isinstance(meta_interval, int) or meta_interval < 1:
+            raise ValueError(f"meta_interval must be an integer >= 1, got {meta_interval!r}")
+        if not isinstance(timings, bool):
+            raise TypeError(f"timings must be a bool, got {type(timings).__name__}")
 
         mask = model.mask.logits
         names = {p: name for name, p in model.named_parameters()}
@@ -106,6 +138,11 @@ class MetaMaskStep:
         self.temperature = float(temperature)
         self.second_order = second_order
         self.fd_radius = float(fd_radius)
+        self.meta_interval = meta_interval
+        self.timings = timings
+        #: Calls of :meth:`step` so far; the meta step runs when ``step_count % meta_interval == 0`` before
+        #: the call.
+        self.step_count = 0
         self._params = [p for group, _ in self._groups for p in group["params"]]
         self._names = [name for _, group_names in self._groups for name in group_names]
         # θ ± R v of the finite difference, kept from step to step: allocating ~one model's worth of fresh
@@ -126,18 +163,22 @@ class MetaMaskStep:
         if x0.shape != x1.shape:
             raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
 
+    def _features(self, weights, buffers, x, *, backbone_grad: bool) -> torch.Tensor:
+        """``backbone(x).flatten(1)`` with ``weights`` and ``buffers`` (by full name) where given."""
+        state = {**_sub_dict("backbone", weights), **_sub_dict("backbone", buffers)}
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            return functional_call(self.model.backbone, state, (x,), strict=False).flatten(1)
+
+    def _head_loss(self, weights, buffers, features, mask) -> torch.Tensor:
+        """``L_cl`` of the contrastive head on both views' ``features`` times ``mask``."""
+        state = {**_sub_dict("cl_head", weights), **_sub_dict("cl_head", buffers)}
+        z0, z1 = (functional_call(self.model.cl_head, state, (f * mask,), strict=False) for f in features)
+        return nt_xent_loss(z0, z1, self.temperature)
+
     def _contrastive_loss_at(self, weights, buffers, x0, x1, *, backbone_grad: bool) -> torch.Tensor:
         """``L_cl(weights, M)`` through the backbone and the contrastive head only."""
-        model = self.model
-        backbone_state = {**_sub_dict("backbone", weights), **_sub_dict("backbone", buffers)}
-        head_state = {**_sub_dict("cl_head", weights), **_sub_dict("cl_head", buffers)}
-        mask = model.mask()
-        z = []
-        for x in (x0, x1):
-            with torch.set_grad_enabled(backbone_grad):
-                features = functional_call(model.backbone, backbone_state, (x,), strict=False).flatten(1)
-            z.append(functional_call(model.cl_head, head_state, (features * mask,), strict=False))
-        return nt_xent_loss(z[0], z[1], self.temperature)
+        features = [self._features(weights, buffers, x, backbone_grad=backbone_grad) for x in (x0, x1)]
+        return self._head_loss(weights, buffers, features, self.model.mask())
 
     def _virtual_weights(self, grads) -> dict[str, torch.Tensor]:
         """θ' of step 2 for every weight with a gradient, as leaves that require grad."""
@@ -197,16 +238,49 @@ class MetaMaskStep:
         (grad_minus,) = torch.autograd.grad(loss_minus, [mask])
         return (grad_plus - grad_minus) / (2 * radius)
 
+    def _exact_hvp(self, v: dict[str, torch.Tensor], x0, x1) -> torch.Tensor:
+        """``∂_m ⟨∇_θ L_cl(θ_{t+1}, M), v⟩``: the directional derivative along ``v`` of the mask gradient,
+        by forward-mode differentiation (:func:`torch.func.jvp` over :func:`torch.func.grad`).
+
+        The mask gradient only backpropagates through the contrastive head; the backbone runs once, with
+        tangents. BatchNorm runs on batch statistics without running buffers (see the module docstring)."""
+        model = self.model
+        params = dict(model.named_parameters())
+        names = list(v)
+        buffers = _batch_statistics_only(model)
+        mask_module, logits = model.mask, model.mask.logits.detach()
+
+        def mask_gradient(weights):
+            features = [self._features(weights, buffers, x, backbone_grad=True) for x in (x0, x1)]
+
+            def loss_of_logits(m):
+                return self._head_loss(weights, buffers, features, functional_call(mask_module, {"logits": m}, ()))
+
+            return torch.func.grad(loss_of_logits)(logits)
+
+        primals = {name: params[name].detach() for name in names}
+        tangents = {name: v[name].detach() for name in names}
+        # No autograd graph is wanted around the transforms (they differentiate on their own): the other
+        # parameters enter as constants.
+        with torch.no_grad():
+            _, hvp = torch.func.jvp(mask_gradient, (primals,), (tangents,))
+        return hvp
+
     def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
         """One training step on the two views ``x0``, ``x1`` of a batch.
 
-        Returns python floats: ``loss``, ``loss_bt``, ``loss_cl`` (at θ_t), ``loss_cl_virtual`` (L_cl at θ')
-        and ``mask_grad_norm`` (the norm of the gradient the mask optimizer stepped with).
+        Returns python floats: ``loss``, ``loss_bt``, ``loss_cl`` (at θ_t) and ``meta_step`` (1.0 when the
+        mask's meta step ran, 0.0 on the calls that ``meta_interval`` skips); after a meta step also
+        ``loss_cl_virtual`` (L_cl at θ') and ``mask_grad_norm`` (the norm of the gradient the mask
+        optimizer stepped with); with ``timings=True`` the seconds per phase (class docstring).
         """
         self._check_views(x0, x1)
         model, params = self.model, self._params
         mask = model.mask.logits
         model.train()
+        clock = _PhaseClock(self.timings, mask.device)
+        meta_step = self.step_count % self.meta_interval == 0
+        self.step_count += 1
 
         # 1. Regular step on θ only: the mask's gradient from L is never formed.
         z0_bt, z0_cl = model(x0)
@@ -219,6 +293,10 @@ class MetaMaskStep:
             p.grad = g
         self.net_optimizer.step()
         self.net_optimizer.zero_grad(set_to_none=True)
+        clock.lap("regular")
+        if not meta_step:
+            values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach()]).tolist()
+            return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, **clock.seconds()}
 
         # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics move, as the
         #    authors' do), then the virtual SGD step.
@@ -226,6 +304,7 @@ class MetaMaskStep:
         z1 = model.cl_head(model.features(x1))
         grads = torch.autograd.grad(nt_xent_loss(z0, z1, self.temperature), params, allow_unused=True)
         virtual = self._virtual_weights(grads)
+        clock.lap("virtual")
 
         # 3. Direct mask gradient and v at θ', on scratch BatchNorm buffers.
         buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -233,13 +312,19 @@ class MetaMaskStep:
         names = list(virtual)
         direct, *v = torch.autograd.grad(loss_virtual, [mask] + [virtual[n] for n in names], allow_unused=True)
         mask_grad = direct
+        clock.lap("outer")
 
-        # 4. Second-order term by central finite differences around θ_{t+1}.
-        if self.second_order == "finite_difference":
+        # 4. Second-order term around θ_{t+1}: central finite differences or exact.
+        if self.second_order != "none":
             directions = {n: g for n, g in zip(names, v) if g is not None}
             if directions:
                 eta = self.net_optimizer.param_groups[0]["lr"]
-                mask_grad = direct - eta * self._finite_difference_hvp(directions, buffers, x0, x1)
+                if self.second_order == "exact":
+                    hvp = self._exact_hvp(directions, x0, x1)
+                else:
+                    hvp = self._finite_difference_hvp(directions, buffers, x0, x1)
+                mask_grad = direct - eta * hvp
+        clock.lap("second_order")
 
         # 5. Meta step on the mask.
         mask.grad = mask_grad
@@ -249,4 +334,27 @@ class MetaMaskStep:
         values = torch.stack(
             [loss.detach(), loss_bt.detach(), loss_cl.detach(), loss_virtual.detach(), mask_grad.norm()]
         ).tolist()
-        return dict(zip(("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm"), values))
+        keys = ("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm")
+        return {**dict(zip(keys, values)), "meta_step": 1.0, **clock.seconds()}
+
+
+class _PhaseClock:
+    """Seconds per phase of a step, when enabled (CUDA is synchronised at each phase's end, so that a
+    phase's kernels count in that phase); otherwise it does nothing."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.times: dict[str, float] = {}
+        self.last = time.perf_counter() if enabled else 0.0
+
+    def lap(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[f"time_{phase}"] = now - self.last
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        return dict(self.times)

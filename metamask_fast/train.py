@@ -57,7 +57,7 @@ __all__ = ["TrainConfig", "SingleLossStep", "build_parser", "parse_config", "tra
 
 PROG = "metamask_fast.train"
 METHODS = ("metamask", "barlowtwins", "simclr")
-SECOND_ORDER_MODES = ("finite_difference", "none")
+SECOND_ORDER_MODES = ("finite_difference", "exact", "none")
 
 # Heads sized for 64-d features: a 512-wide Barlow Twins projector (SPEC §5 measured 3×512 on this set)
 # and a 256→128 contrastive head, the authors' shapes scaled down.
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-lr", type=_positive_float, default=defaults.mask_lr,
                         help="SGD learning rate of the mask (metamask only); default %(default)s")
     parser.add_argument("--second-order", choices=SECOND_ORDER_MODES, default=defaults.second_order,
-                        help="metamask's meta-gradient: finite_difference (the authors') or none (first "
+                        help="metamask's meta-gradient: finite_difference (the authors'), exact or none (first "
                              "order); default %(default)s")
     parser.add_argument("--seed", type=_integer, default=defaults.seed, help="default %(default)s")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda if available, else cpu")

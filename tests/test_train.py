@@ -152,7 +152,7 @@ BAD_COMMAND_LINES = {
     "lr-inf": (["--lr", "inf"], "--lr"),
     "mask-lr-zero": (["--mask-lr", "0"], "--mask-lr"),
     "unknown-method": (["--method", "byol"], "--method"),
-    "unknown-second-order": (["--second-order", "exact"], "--second-order"),
+    "unknown-second-order": (["--second-order", "newton"], "--second-order"),
     "seed-text": (["--seed", "x"], "--seed"),
     "device-nonsense": (["--device", "tpu"], "--device"),
     "device-cuda-index": (["--device", "cuda:99"], "--device"),

@@ -1,0 +1,181 @@
+"""MetaMaskStep's fast-step options: the exact second-order term, meta_interval and per-phase timings.
+
+The exact term is checked against an independent float64 reference (a double backward through a deep copy
+of the model with the authors-style NT-Xent of bench/baselines), and against the finite difference it
+replaces, which must converge to it as r → 0 on a network with smooth activations.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.authors_style import authors_nt_xent_loss
+from metamask_fast.meta import MetaMaskStep
+from metamask_fast.models import MetaMaskModel
+from test_meta import batches, optimizers, relative_differences, tiny_model
+
+
+def smooth_model(seed):
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 5, 3, padding=1), nn.BatchNorm2d(5), nn.Tanh(),
+        nn.Conv2d(5, 6, 3, stride=2), nn.BatchNorm2d(6), nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    model = MetaMaskModel(backbone, 6, bt_dims=(9, 9, 10), cl_dims=(8, 7)).double()
+    # Heads with smooth activations too, so that the finite difference converges at its full order.
+    for head in (model.bt_head, model.cl_head):
+        for i, layer in enumerate(head):
+            if isinstance(layer, nn.ReLU):
+                head[i] = nn.Tanh()
+    return model
+
+
+def directions_for(model, seed):
+    """A random v on every weight of the backbone and the contrastive head (the weights with an L_cl
+    gradient), as the step forms it."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(p.shape, generator=g, dtype=p.dtype)
+        for name, p in model.named_parameters()
+        if name.startswith(("backbone.", "cl_head."))
+    }
+
+
+def reference_hvp(model, v, x0, x1, temperature=0.07):
+    """∂_m ⟨∇_θ L_cl(θ, M), v⟩ by a double backward on a copy of the model, literally."""
+    model = copy.deepcopy(model).train()
+    params = dict(model.named_parameters())
+    mask = model.mask()
+
+    def z(x):
+        return model.cl_head(model.backbone(x).flatten(1) * mask)
+
+    loss = authors_nt_xent_loss(z(x0), z(x1), temperature)
+    names = list(v)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+    dot = sum((g * v[n]).sum() for g, n in zip(grads, names))
+    (hvp,) = torch.autograd.grad(dot, [params["mask.logits"]])
+    return hvp
+
+
+def relative(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, smooth_model], ids=["relu", "smooth"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_hvp_equals_double_backward_in_float64(make_model, seed):
+    model = make_model(seed)
+    step = MetaMaskStep(model, *optimizers(model), second_order="exact")
+    x0, x1 = batches(seed + 5, steps=1)[0]
+    v = directions_for(model, seed + 9)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    got = step._exact_hvp(v, x0, x1)
+    want = reference_hvp(model, v, x0, x1)
+    assert want.norm() > 1e-3  # a real second-order signal, not a vanishing one
+    assert relative(got, want) <= 1e-8
+    # The exact term reads no running statistics and moves none.
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())
+
+
+def test_exact_hvp_on_a_subset_of_the_weights():
+    # Weights without a direction (here: the first conv) enter as constants.
+    model = smooth_model(3)
+    step = MetaMaskStep(model, *optimizers(model), second_order="exact")
+    x0, x1 = batches(7, steps=1)[0]
+    v = {n: t for n, t in directions_for(model, 4).items() if not n.startswith("backbone.0.")}
+    assert relative(step._exact_hvp(v, x0, x1), reference_hvp(model, v, x0, x1)) <= 1e-8
+
+
+def test_finite_difference_converges_to_exact_on_a_smooth_network():
+    model = smooth_model(2)
+    step = MetaMaskStep(model, *optimizers(model))
+    x0, x1 = batches(3, steps=1)[0]
+    v = directions_for(model, 6)
+    exact = step._exact_hvp(v, x0, x1)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    errors = []
+    for radius in (1e-2, 1e-3, 1e-4, 1e-5):
+        step.fd_radius = radius
+        errors.append(relative(step._finite_difference_hvp(v, buffers, x0, x1), exact))
+    # Central differences: the error falls with r² (measured: 4e-3, 4e-5, 4e-7, 4e-9), far from rounding
+    # in float64 at these radii.
+    for coarse, fine in zip(errors, errors[1:]):
+        assert fine <= coarse / 50
+    assert errors[-1] <= 1e-8
+
+
+def train(model, steps, **options):
+    step = MetaMaskStep(model, *optimizers(model), **options)
+    results = [step.step(x0, x1) for x0, x1 in batches(11, steps=steps)]
+    return step, results
+
+
+def test_exact_step_tracks_the_finite_difference_step_on_a_smooth_network():
+    exact, _ = train(smooth_model(4), 3, second_order="exact")
+    fd, _ = train(smooth_model(4), 3, second_order="finite_difference", fd_radius=1e-5)
+    first, _ = train(smooth_model(4), 3, second_order="none")
+    mask = exact.model.mask.logits
+    # The second-order term moves the mask measurably, and the two estimates of it agree.
+    assert relative(first.model.mask.logits, mask) > 1e-3
+    assert relative(fd.model.mask.logits, mask) <= 1e-7
+    diffs = relative_differences(exact.model, fd.model)
+    assert max(diffs.values()) <= 1e-7, max(diffs, key=diffs.get)
+
+
+def test_meta_interval_runs_the_meta_step_on_every_kth_call():
+    every, every_results = train(tiny_model(5), 6)
+    third, third_results = train(tiny_model(5), 6, meta_interval=3)
+    assert [r["meta_step"] for r in third_results] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert all(r["meta_step"] == 1.0 for r in every_results)
+    assert "mask_grad_norm" in third_results[0] and "mask_grad_norm" not in third_results[1]
+    assert third.step_count == 6
+    # The first call is identical; after it the mask only moves on calls 0 and 3.
+    assert third_results[0] == every_results[0]
+    masks = []
+    step = MetaMaskStep(model := tiny_model(5), *optimizers(model), meta_interval=3)
+    for x0, x1 in batches(11, steps=6):
+        step.step(x0, x1)
+        masks.append(model.mask.logits.detach().clone())
+    moved = [not torch.equal(a, b) for a, b in zip(masks, masks[1:])]
+    assert moved == [False, False, True, False, False]
+    # The network's weights move on every call.
+    assert relative(third.model.backbone[0].weight, tiny_model(5).backbone[0].weight) > 0
+
+
+def test_meta_interval_resumes_from_step_count():
+    step = MetaMaskStep(model := tiny_model(6), *optimizers(model), meta_interval=4)
+    step.step_count = 7  # a resumed run: calls 7 (skipped) and 8 (meta)
+    (a0, a1), (b0, b1) = batches(2, steps=2)
+    assert step.step(a0, a1)["meta_step"] == 0.0
+    assert step.step(b0, b1)["meta_step"] == 1.0
+
+
+@pytest.mark.parametrize("second_order", ["finite_difference", "exact", "none"])
+def test_timings_report_every_phase(second_order):
+    step, results = train(tiny_model(7), 2, second_order=second_order, timings=True, meta_interval=2)
+    meta, regular = results
+    phases = ("time_regular", "time_virtual", "time_outer", "time_second_order")
+    assert all(isinstance(meta[k], float) and meta[k] >= 0 for k in phases)
+    assert set(k for k in regular if k.startswith("time_")) == {"time_regular"}
+    _, untimed = train(tiny_model(7), 1, second_order=second_order)
+    assert not any(k.startswith("time_") for k in untimed[0])
+
+
+@pytest.mark.parametrize(
+    "options,error,message",
+    [
+        ({"second_order": "newton"}, ValueError, "second_order must be one of"),
+        ({"meta_interval": 0}, ValueError, "meta_interval must be an integer >= 1"),
+        ({"meta_interval": 2.0}, ValueError, "meta_interval"),
+        ({"meta_interval": True}, ValueError, "meta_interval"),
+        ({"timings": "yes"}, TypeError, "timings must be a bool"),
+    ],
+)
+def test_bad_options_name_themselves(options, error, message):
+    model = tiny_model(0)
+    with pytest.raises(error, match=message):
+        MetaMaskStep(model, *optimizers(model), **options)
