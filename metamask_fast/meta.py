@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metamask_fast import ops
+from metamask_fast import _tangents, ops
 from metamask_fast._checks import check_number
 from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 
@@ -140,6 +140,9 @@ class MetaMaskStep:
         self.fd_radius = float(fd_radius)
         self.meta_interval = meta_interval
         self.timings = timings
+        # The exact term differentiates step 2's forward afterwards (metamask_fast._tangents); None when
+        # the backbone cannot be traced, and the exact term then reruns the forward under torch.func.jvp.
+        self._traced = _tangents.trace_backbone(model.backbone) if second_order == "exact" else None
         #: Calls of :meth:`step` so far; the meta step runs when ``step_count % meta_interval == 0`` before
         #: the call.
         self.step_count = 0
@@ -238,12 +241,16 @@ class MetaMaskStep:
         (grad_minus,) = torch.autograd.grad(loss_minus, [mask])
         return (grad_plus - grad_minus) / (2 * radius)
 
-    def _exact_hvp(self, v: dict[str, torch.Tensor], x0, x1) -> torch.Tensor:
+    def _exact_hvp(self, v: dict[str, torch.Tensor], x0, x1, records=None) -> torch.Tensor:
         """``∂_m ⟨∇_θ L_cl(θ_{t+1}, M), v⟩``: the directional derivative along ``v`` of the mask gradient,
         by forward-mode differentiation (:func:`torch.func.jvp` over :func:`torch.func.grad`).
 
-        The mask gradient only backpropagates through the contrastive head; the backbone runs once, with
+        The mask gradient only backpropagates through the contrastive head. ``records``: step 2's forwards
+        of both views at θ_{t+1}, recorded by :func:`metamask_fast._tangents.record_forward`; the backbone's
+        tangents then come from them without a new forward. Without, the backbone runs once more, with
         tangents. BatchNorm runs on batch statistics without running buffers (see the module docstring)."""
+        if records is not None:
+            return self._exact_hvp_from_records(v, records)
         model = self.model
         params = dict(model.named_parameters())
         names = list(v)
@@ -264,6 +271,33 @@ class MetaMaskStep:
         # parameters enter as constants.
         with torch.no_grad():
             _, hvp = torch.func.jvp(mask_gradient, (primals,), (tangents,))
+        return hvp
+
+    def _exact_hvp_from_records(self, v: dict[str, torch.Tensor], records) -> torch.Tensor:
+        """:meth:`_exact_hvp` from step 2's recorded forwards: the backbone's output tangents along the
+        backbone part of ``v``, then forward-over-reverse through the (small) contrastive head only."""
+        model = self.model
+        buffers = _batch_statistics_only(model)
+        backbone_v = {name[len("backbone.") :]: t.detach() for name, t in v.items() if name.startswith("backbone.")}
+        head_v = {name: t.detach() for name, t in v.items() if name.startswith("cl_head.")}
+        params = dict(model.named_parameters())
+        mask_module, logits = model.mask, model.mask.logits.detach()
+        with torch.no_grad():
+            features, feature_tangents = [], []
+            for output, env in records:
+                features.append(output.detach().flatten(1))
+                tangent = _tangents.forward_tangent(self._traced, env, backbone_v) if backbone_v else None
+                feature_tangents.append(torch.zeros_like(features[-1]) if tangent is None else tangent.flatten(1))
+
+            def mask_gradient(features, head_weights):
+                def loss_of_logits(m):
+                    mask = functional_call(mask_module, {"logits": m}, ())
+                    return self._head_loss(head_weights, buffers, features, mask)
+
+                return torch.func.grad(loss_of_logits)(logits)
+
+            primals = (tuple(features), {name: params[name].detach() for name in head_v})
+            _, hvp = torch.func.jvp(mask_gradient, primals, (tuple(feature_tangents), head_v))
         return hvp
 
     def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
@@ -300,8 +334,14 @@ class MetaMaskStep:
 
         # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics move, as the
         #    authors' do), then the virtual SGD step.
-        z0 = model.cl_head(model.features(x0))
-        z1 = model.cl_head(model.features(x1))
+        records = None
+        if self._traced is not None:  # the same forward, recorded for the exact second-order term
+            records = [_tangents.record_forward(self._traced, x) for x in (x0, x1)]
+            mask_value = model.mask()
+            z0, z1 = (model.cl_head(output.flatten(1) * mask_value) for output, _ in records)
+        else:
+            z0 = model.cl_head(model.features(x0))
+            z1 = model.cl_head(model.features(x1))
         grads = torch.autograd.grad(nt_xent_loss(z0, z1, self.temperature), params, allow_unused=True)
         virtual = self._virtual_weights(grads)
         clock.lap("virtual")
@@ -320,7 +360,7 @@ class MetaMaskStep:
             if directions:
                 eta = self.net_optimizer.param_groups[0]["lr"]
                 if self.second_order == "exact":
-                    hvp = self._exact_hvp(directions, x0, x1)
+                    hvp = self._exact_hvp(directions, x0, x1, records)
                 else:
                     hvp = self._finite_difference_hvp(directions, buffers, x0, x1)
                 mask_grad = direct - eta * hvp

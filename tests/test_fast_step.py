@@ -6,6 +6,7 @@ replaces, which must converge to it as r → 0 on a network with smooth activati
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -31,6 +32,45 @@ def smooth_model(seed):
             if isinstance(layer, nn.ReLU):
                 head[i] = nn.Tanh()
     return model
+
+
+class ResidualNet(nn.Module):
+    """In-place operations of the kinds real backbones use: ReLU(inplace=True), ``out += identity``,
+    ``Tensor.relu_()`` and ``Tensor.tanh_()``, which the recorded forward must not let overwrite the values
+    it keeps (tanh_'s own tangent needs its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        h = (self.stem(x) * 1.5).tanh_()
+        out = self.bn(self.conv(h))
+        out += h
+        return self.pool(out.relu_())
+
+
+class UntraceableNet(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so the exact term reruns the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.sum() > 0:
+            h = h * 1.5
+        return h.tanh().mean((2, 3))
+
+
+def model_with(backbone_class, seed):
+    torch.manual_seed(seed)
+    return MetaMaskModel(backbone_class(), 4, bt_dims=(6, 6, 7), cl_dims=(8, 5)).double()
 
 
 def directions_for(model, seed):
@@ -79,6 +119,46 @@ def test_exact_hvp_equals_double_backward_in_float64(make_model, seed):
     assert relative(got, want) <= 1e-8
     # The exact term reads no running statistics and moves none.
     assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, smooth_model, lambda seed: model_with(ResidualNet, seed)],
+                         ids=["relu", "smooth", "residual-in-place"])
+def test_exact_hvp_from_recorded_forwards_equals_double_backward(make_model):
+    # The step's path: step 2's forward recorded through the fx trace, the backbone's tangents afterwards.
+    from metamask_fast import _tangents
+
+    model = make_model(4)
+    step = MetaMaskStep(model, *optimizers(model), second_order="exact")
+    assert step._traced is not None
+    x0, x1 = batches(8, steps=1)[0]
+    v = directions_for(model, 2)
+    records = [_tangents.record_forward(step._traced, x) for x in (x0, x1)]
+    # The recorded forward is the backbone's forward.
+    for (output, _), x in zip(records, (x0, x1)):
+        torch.testing.assert_close(output, copy.deepcopy(model.backbone)(x), rtol=1e-13, atol=1e-13)
+    got = step._exact_hvp(v, x0, x1, records)
+    assert relative(got, reference_hvp(model, v, x0, x1)) <= 1e-8
+    head_only = {n: t for n, t in v.items() if n.startswith("cl_head.")}
+    assert relative(step._exact_hvp(head_only, x0, x1, records), reference_hvp(model, head_only, x0, x1)) <= 1e-8
+
+
+def test_exact_step_on_an_untraceable_backbone():
+    model = model_with(UntraceableNet, 5)
+    step = MetaMaskStep(model, *optimizers(model), second_order="exact")
+    assert step._traced is None
+    x0, x1 = batches(9, steps=1)[0]
+    v = directions_for(model, 3)
+    assert relative(step._exact_hvp(v, x0, x1), reference_hvp(model, v, x0, x1)) <= 1e-8
+    for x0, x1 in batches(10, steps=2):
+        assert all(map(math.isfinite, step.step(x0, x1).values()))
+
+
+def test_exact_step_matches_the_finite_difference_on_a_residual_in_place_network():
+    # ReLU networks are smooth almost everywhere: with a small radius the two agree closely.
+    exact, _ = train(model_with(ResidualNet, 6), 2, second_order="exact")
+    fd, _ = train(model_with(ResidualNet, 6), 2, fd_radius=1e-6)
+    diffs = relative_differences(exact.model, fd.model)
+    assert max(diffs.values()) <= 1e-6, max(diffs, key=diffs.get)
 
 
 def test_exact_hvp_on_a_subset_of_the_weights():
