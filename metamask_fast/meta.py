@@ -20,12 +20,15 @@ With ``meta_interval=k`` steps 2-5 run on every k-th call only (the first call i
 are step 1 alone, the network's regular step.
 
 The virtual weights are evaluated with :func:`torch.func.functional_call` on the model's own modules (no
-second model copy). The exact second-order term runs BatchNorm on batch statistics without running
-buffers (in training mode they do not enter any output), because :func:`torch.func.jvp` cannot update
-buffers in place. Those evaluations run on scratch copies of the BatchNorm buffers, so the running
-statistics of the real model see exactly the forwards of the authors' code: the regular step's and step 2's.
-(One exception, with no effect on any output: the authors also run the Barlow Twins head in step 2, which
-moves that head's running statistics once more; here the head is skipped there.)
+second model copy), on scratch copies of the BatchNorm buffers. The exact second-order term runs BatchNorm
+on batch statistics without running buffers, because :func:`torch.func.jvp` cannot update buffers in
+place. In training mode BatchNorm normalises with batch statistics, so none of this changes any number of
+the step.
+
+BatchNorm running statistics (what evaluation reads) move once per step, with the regular step's
+forwards of both views. The authors' code also moves them in step 2, a second forward of the same batch at
+θ_{t+1}; here step 2 puts them back as they were (the only deliberate difference from the authors' step: it
+changes no weight and no mask value, only what an evaluation in eval mode sees).
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def _batch_statistics_only(model: nn.Module) -> dict[str, torch.Tensor | None]:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 buffers[f"{prefix}.{name}" if prefix else name] = None
     return buffers
+
+
+def _running_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every running buffer of the model's BatchNorm layers in training mode, with a copy of its value."""
+    return [
+        (buffer, buffer.clone())
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if buffer is not None
+    ]
 
 
 def _sub_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -332,8 +346,9 @@ class MetaMaskStep:
             values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach()]).tolist()
             return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, **clock.seconds()}
 
-        # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics move, as the
-        #    authors' do), then the virtual SGD step.
+        # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics are put back:
+        #    they move once per step), then the virtual SGD step.
+        statistics = _running_statistics(model)
         records = None
         if self._traced is not None:  # the same forward, recorded for the exact second-order term
             records = [_tangents.record_forward(self._traced, x) for x in (x0, x1)]
@@ -343,6 +358,9 @@ class MetaMaskStep:
             z0 = model.cl_head(model.features(x0))
             z1 = model.cl_head(model.features(x1))
         grads = torch.autograd.grad(nt_xent_loss(z0, z1, self.temperature), params, allow_unused=True)
+        with torch.no_grad():  # after the backward, which saved the buffers it read
+            for buffer, saved in statistics:
+                buffer.copy_(saved)
         virtual = self._virtual_weights(grads)
         clock.lap("virtual")
 

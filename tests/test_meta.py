@@ -67,11 +67,27 @@ def test_step_equals_authors_style_step_in_float64(second_order, seed):
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= 1e-9, (worst, diffs[worst])
     assert diffs["mask.logits"] <= 1e-9
-    # BatchNorm running statistics of the parts the kNN monitor and the contrastive head read.
-    buffers_b = dict(theirs.named_buffers())
-    for name, a in ours.named_buffers():
-        if name.startswith(("backbone.", "cl_head.")):
-            torch.testing.assert_close(a, buffers_b[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("second_order", ["finite_difference", "exact", "none"])
+def test_running_statistics_move_once_per_step(second_order):
+    # The reference: before each step, a copy of the model at θ_t with the same buffers runs the regular
+    # step's forwards (both views, both heads) in training mode; its BatchNorm statistics after that are
+    # what ours must hold after the whole step. (The authors' step moves them a second time in step 2.)
+    ours = tiny_model(3)
+    step = MetaMaskStep(ours, *optimizers(ours), second_order=second_order)
+    reference = copy.deepcopy(ours)
+    for x0, x1 in batches(4):
+        reference.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            reference.train()
+            reference(x0)
+            reference(x1)
+        step.step(x0, x1)
+        want = dict(reference.named_buffers())
+        for name, got in ours.named_buffers():
+            torch.testing.assert_close(got, want[name], rtol=1e-12, atol=1e-14, msg=name)
+    assert int(ours.backbone[1].num_batches_tracked) == 2 * 3  # two views per step, three steps
 
 
 def test_without_momentum_buffer_equals_authors_style_step():
