@@ -31,11 +31,12 @@ namespace {
 at::Tensor global_norm_cpu(at::TensorList tensors) {
   check_tensor_list("global_norm", "tensors", tensors);
 
-  // Strided tensors are read through a contiguous copy (a no-op for the usual parameter lists).
+  // A dense tensor (contiguous, channels_last, ...) is read as the flat array it is; others through a
+  // contiguous copy.
   std::vector<at::Tensor> contiguous;
   contiguous.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    contiguous.push_back(t.contiguous());
+    contiguous.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
   }
   const std::vector<Chunk> chunks = make_chunks(tensors);
 

@@ -87,7 +87,7 @@ std::vector<at::Tensor> add_scaled_cpu(at::TensorList tensors, at::TensorList ot
   std::vector<at::Tensor> outs;
   outs.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    outs.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+    outs.push_back(at::empty_like(t));  // dense inputs: the same strides
   }
   add_scaled_into(outs, tensors, others, alpha);
   return outs;
@@ -99,8 +99,8 @@ std::vector<at::Tensor> virtual_sgd_step_cpu(
   constexpr const char* op = "virtual_sgd_step";
   check_tensor_list(op, "params", params);
   check_pairwise_like(op, "params", params, "grads", grads);
-  check_contiguous(op, "params", params);
-  check_contiguous(op, "grads", grads);
+  check_dense(op, "params", params);
+  check_same_strides(op, "params", params, "grads", grads);
   TORCH_CHECK_VALUE(
       buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
       buffers.size(), " and ", params.size());
@@ -115,7 +115,7 @@ std::vector<at::Tensor> virtual_sgd_step_cpu(
     }
   }
   check_pairwise_like(op, "params", present_params, "buffers", present);
-  check_contiguous(op, "buffers", present);
+  check_same_strides(op, "params", present_params, "buffers", present);
   for (size_t i = 0, k = 0; i < params.size(); ++i) {
     const std::optional<at::Tensor> b = buffers[i];
     if (b.has_value() && b->defined()) {
@@ -126,7 +126,7 @@ std::vector<at::Tensor> virtual_sgd_step_cpu(
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
   for (const at::Tensor& p : params) {
-    outs.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
+    outs.push_back(at::empty_like(p));
   }
   const SgdCoefficients coefficients{lr, momentum, dampening, weight_decay, nesterov};
   const std::vector<Chunk> chunks = make_chunks(params);

@@ -29,12 +29,37 @@ inline void check_tensor_list(const char* op, const char* arg, at::TensorList te
   }
 }
 
-// `tensors` must hold contiguous tensors: the kernels walk each tensor's memory as one flat array.
-inline void check_contiguous(const char* op, const char* arg, at::TensorList tensors) {
+// `tensors` must be dense (no gaps, no overlap: contiguous, channels_last or any other permutation of the
+// dimensions): the kernels walk each tensor's memory as one flat array. Tensors walked together must also
+// have the same strides (check_same_strides), so that the walk pairs up the same elements.
+inline void check_dense(const char* op, const char* arg, at::TensorList tensors) {
   for (const auto i : c10::irange(tensors.size())) {
     TORCH_CHECK_VALUE(
-        tensors[i].is_contiguous(), op, ": ", arg, "[", i, "] must be contiguous (its strides are ",
-        tensors[i].strides(), "); call .contiguous() on it first");
+        tensors[i].is_non_overlapping_and_dense(), op, ": ", arg, "[", i,
+        "] must be contiguous (or dense in another memory format, such as channels_last); its strides are ",
+        tensors[i].strides(), "; call .contiguous() on it first");
+  }
+}
+
+// Whether two tensors of one shape order their elements the same way in memory: equal strides in every
+// dimension of size > 1 (the stride of a size-1 dimension is arbitrary: a (4, 1, 3, 3) weight has the
+// same memory order contiguous and channels_last, with different strides).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (const auto d : c10::irange(a.dim())) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// b[i] must be laid out like a[i] (after check_pairwise_like: the same shapes).
+inline void check_same_strides(
+    const char* op, const char* name_a, at::TensorList a, const char* name_b, at::TensorList b) {
+  for (const auto i : c10::irange(a.size())) {
+    TORCH_CHECK_VALUE(
+        same_layout(a[i], b[i]), op, ": ", name_b, "[", i, "] must have the memory layout (strides) of ", name_a,
+        "[", i, "], ", a[i].strides(), ", got ", b[i].strides());
   }
 }
 
@@ -69,19 +94,19 @@ inline void check_no_overlap(
   }
 }
 
-// The arguments of add_scaled_ and add_scaled: contiguous lists, pairwise alike.
+// The arguments of add_scaled_ and add_scaled: dense lists, pairwise alike in shape, dtype, device and layout.
 inline void check_add_scaled(const char* op, at::TensorList tensors, at::TensorList others) {
   check_tensor_list(op, "tensors", tensors);
   check_pairwise_like(op, "tensors", tensors, "others", others);
-  check_contiguous(op, "tensors", tensors);
-  check_contiguous(op, "others", others);
+  check_dense(op, "tensors", tensors);
+  check_same_strides(op, "tensors", tensors, "others", others);
 }
 
 // ... and of add_scaled.out: `out` like `tensors`, each out[i] either tensors[i] itself or separate memory.
 inline void check_add_scaled_out(const char* op, at::TensorList tensors, at::TensorList others, at::TensorList out) {
   check_add_scaled(op, tensors, others);
   check_pairwise_like(op, "tensors", tensors, "out", out);
-  check_contiguous(op, "out", out);
+  check_same_strides(op, "tensors", tensors, "out", out);
   check_no_overlap(op, "out", out, "tensors", tensors, /*same_allowed=*/true);
   check_no_overlap(op, "out", out, "others", others, /*same_allowed=*/false);
 }

@@ -138,6 +138,12 @@ def _compute_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
 
 
+def _without_autocast(z: torch.Tensor):
+    """The losses compute in their own precision (float32 for half inputs, see :func:`_compute_dtype`),
+    also inside a caller's ``torch.autocast`` region, which would otherwise run their matmuls in half."""
+    return torch.autocast(z.device.type, enabled=False)
+
+
 def _standardize(z: torch.Tensor, normalize: str = "std", eps: float = 1e-5) -> torch.Tensor:
     """Standardise every column of ``z`` over the batch.
 
@@ -240,14 +246,15 @@ def barlow_twins_loss(
 
     n = z_a.shape[0]
     dtype = _compute_dtype(z_a)
-    a = _standardize(z_a.to(dtype), normalize, eps)
-    b = _standardize(z_b.to(dtype), normalize, eps)
-    if weight is not None:
-        a, b = a * weight.to(dtype), b * weight.to(dtype)
-    diagonal = torch.sum(a * b, dim=0) / n
-    frobenius = _SquaredCrossCorrelationNorm.apply(a, b) / (n * n)
-    off_diagonal = frobenius - torch.sum(torch.square(diagonal))
-    loss = torch.sum(torch.square(1 - diagonal)) + lambd * off_diagonal
+    with _without_autocast(z_a):
+        a = _standardize(z_a.to(dtype), normalize, eps)
+        b = _standardize(z_b.to(dtype), normalize, eps)
+        if weight is not None:
+            a, b = a * weight.to(dtype), b * weight.to(dtype)
+        diagonal = torch.sum(a * b, dim=0) / n
+        frobenius = _SquaredCrossCorrelationNorm.apply(a, b) / (n * n)
+        off_diagonal = frobenius - torch.sum(torch.square(diagonal))
+        loss = torch.sum(torch.square(1 - diagonal)) + lambd * off_diagonal
     return loss.to(z_a.dtype)
 
 
@@ -277,12 +284,14 @@ def nt_xent_loss(
 
     n = z_a.shape[0]
     dtype = _compute_dtype(z_a)
-    z = torch.cat([z_a, z_b]).to(dtype)
-    if weight is not None:
-        z = z * weight.to(dtype)
-    u = F.normalize(z, dim=1)
-    logits = (u @ u.T) / temperature
-    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_pairs, float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, positives).to(z_a.dtype)
+    with _without_autocast(z_a):
+        z = torch.cat([z_a, z_b]).to(dtype)
+        if weight is not None:
+            z = z * weight.to(dtype)
+        u = F.normalize(z, dim=1)
+        logits = (u @ u.T) / temperature
+        self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_pairs, float("-inf"))
+        positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        loss = F.cross_entropy(logits, positives)
+    return loss.to(z_a.dtype)

@@ -33,6 +33,7 @@ changes no weight and no mask value, only what an evaluation in eval mode sees).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -47,6 +48,7 @@ from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 __all__ = ["MetaMaskStep"]
 
 _SECOND_ORDER = ("finite_difference", "exact", "none")
+_PRECISIONS = ("fp32", "bf16")
 
 
 def _batch_statistics_only(model: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -89,7 +91,12 @@ class MetaMaskStep:
     second derivative it estimates, by forward-mode differentiation) or ``"none"`` (first order).
     ``fd_radius``: r of the finite difference. ``meta_interval``: run the mask's meta step (steps 2-5) on
     every ``meta_interval``-th call only, the first call included; :attr:`step_count` counts the calls (set
-    it when resuming a run, so that the schedule continues). ``timings``: add the seconds spent in each
+    it when resuming a run, so that the schedule continues). ``precision="bf16"``: the forwards run under
+    ``torch.autocast`` in bfloat16 (the weights stay float32 and the losses accumulate in float32); the
+    finite difference's two passes stay in float32, because its perturbation R·v is far below bfloat16's
+    resolution (the exact term is linear in v and runs in bfloat16). ``channels_last``: convert the model's
+    4-d weights to ``torch.channels_last`` once, here, and 4-d inputs at every step (the compiled ops take
+    channels_last weights as they are). ``timings``: add the seconds spent in each
     phase to the returned dict (``time_regular``, ``time_virtual``: steps 2 and the virtual step,
     ``time_outer``: step 3, ``time_second_order``: step 4), synchronising CUDA at each phase's end.
     """
@@ -106,6 +113,8 @@ class MetaMaskStep:
         second_order: str = "finite_difference",
         fd_radius: float = 1e-2,
         meta_interval: int = 1,
+        precision: str = "fp32",
+        channels_last: bool = False,
         timings: bool = False,
     ):
         for attr in ("backbone", "bt_head", "cl_head", "mask"):
@@ -128,6 +137,15 @@ class MetaMaskStep:
             raise ValueError(f"meta_interval must be an integer >= 1, got {meta_interval!r}")
         if not isinstance(timings, bool):
             raise TypeError(f"timings must be a bool, got {type(timings).__name__}")
+        if not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
+        if not isinstance(precision, str) or precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+        if precision == "bf16" and model.mask.logits.dtype != torch.float32:
+            raise ValueError(
+                "precision='bf16' autocasts float32 weights to bfloat16, but the model's weights are "
+                f"{model.mask.logits.dtype}; use a float32 model or precision='fp32'"
+            )
 
         mask = model.mask.logits
         names = {p: name for name, p in model.named_parameters()}
@@ -154,6 +172,10 @@ class MetaMaskStep:
         self.fd_radius = float(fd_radius)
         self.meta_interval = meta_interval
         self.timings = timings
+        self.precision = precision
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         # The exact term differentiates step 2's forward afterwards (metamask_fast._tangents); None when
         # the backbone cannot be traced, and the exact term then reruns the forward under torch.func.jvp.
         self._traced = _tangents.trace_backbone(model.backbone) if second_order == "exact" else None
@@ -225,9 +247,10 @@ class MetaMaskStep:
         """The kept tensors for θ ± R v, (re)allocated when the weights with a direction change."""
         kept = self._perturbed
         if len(kept) != len(weights) or any(
-            k.shape != w.shape or k.dtype != w.dtype or k.device != w.device for k, w in zip(kept, weights)
+            k.shape != w.shape or k.stride() != w.stride() or k.dtype != w.dtype or k.device != w.device
+            for k, w in zip(kept, weights)
         ):
-            self._perturbed = kept = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+            self._perturbed = kept = [torch.empty_like(w) for w in weights]  # the weights' layouts
         return kept
 
     def _finite_difference_hvp(self, v: dict[str, torch.Tensor], buffers, x0, x1) -> torch.Tensor:
@@ -314,6 +337,12 @@ class MetaMaskStep:
             _, hvp = torch.func.jvp(mask_gradient, primals, (tuple(feature_tangents), head_v))
         return hvp
 
+    def _autocast(self):
+        """The forwards' autocast context: bfloat16 for ``precision="bf16"``, none otherwise."""
+        if self.precision == "bf16":
+            return torch.autocast(self.model.mask.logits.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
         """One training step on the two views ``x0``, ``x1`` of a batch.
 
@@ -323,6 +352,8 @@ class MetaMaskStep:
         optimizer stepped with); with ``timings=True`` the seconds per phase (class docstring).
         """
         self._check_views(x0, x1)
+        if self.channels_last:
+            x0, x1 = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in (x0, x1))
         model, params = self.model, self._params
         mask = model.mask.logits
         model.train()
@@ -331,11 +362,12 @@ class MetaMaskStep:
         self.step_count += 1
 
         # 1. Regular step on θ only: the mask's gradient from L is never formed.
-        z0_bt, z0_cl = model(x0)
-        z1_bt, z1_cl = model(x1)
-        loss_bt = barlow_twins_loss(z0_bt, z1_bt, self.lambd)
-        loss_cl = nt_xent_loss(z0_cl, z1_cl, self.temperature)
-        loss = loss_bt + self.weight_cl * loss_cl
+        with self._autocast():
+            z0_bt, z0_cl = model(x0)
+            z1_bt, z1_cl = model(x1)
+            loss_bt = barlow_twins_loss(z0_bt, z1_bt, self.lambd)
+            loss_cl = nt_xent_loss(z0_cl, z1_cl, self.temperature)
+            loss = loss_bt + self.weight_cl * loss_cl
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
@@ -350,14 +382,16 @@ class MetaMaskStep:
         #    they move once per step), then the virtual SGD step.
         statistics = _running_statistics(model)
         records = None
-        if self._traced is not None:  # the same forward, recorded for the exact second-order term
-            records = [_tangents.record_forward(self._traced, x) for x in (x0, x1)]
-            mask_value = model.mask()
-            z0, z1 = (model.cl_head(output.flatten(1) * mask_value) for output, _ in records)
-        else:
-            z0 = model.cl_head(model.features(x0))
-            z1 = model.cl_head(model.features(x1))
-        grads = torch.autograd.grad(nt_xent_loss(z0, z1, self.temperature), params, allow_unused=True)
+        with self._autocast():
+            if self._traced is not None:  # the same forward, recorded for the exact second-order term
+                records = [_tangents.record_forward(self._traced, x) for x in (x0, x1)]
+                mask_value = model.mask()
+                z0, z1 = (model.cl_head(output.flatten(1) * mask_value) for output, _ in records)
+            else:
+                z0 = model.cl_head(model.features(x0))
+                z1 = model.cl_head(model.features(x1))
+            loss_next = nt_xent_loss(z0, z1, self.temperature)
+        grads = torch.autograd.grad(loss_next, params, allow_unused=True)
         with torch.no_grad():  # after the backward, which saved the buffers it read
             for buffer, saved in statistics:
                 buffer.copy_(saved)
@@ -366,7 +400,8 @@ class MetaMaskStep:
 
         # 3. Direct mask gradient and v at θ', on scratch BatchNorm buffers.
         buffers = {name: b.clone() for name, b in model.named_buffers()}
-        loss_virtual = self._contrastive_loss_at(virtual, buffers, x0, x1, backbone_grad=True)
+        with self._autocast():
+            loss_virtual = self._contrastive_loss_at(virtual, buffers, x0, x1, backbone_grad=True)
         names = list(virtual)
         direct, *v = torch.autograd.grad(loss_virtual, [mask] + [virtual[n] for n in names], allow_unused=True)
         mask_grad = direct
@@ -378,7 +413,8 @@ class MetaMaskStep:
             if directions:
                 eta = self.net_optimizer.param_groups[0]["lr"]
                 if self.second_order == "exact":
-                    hvp = self._exact_hvp(directions, x0, x1, records)
+                    with self._autocast():
+                        hvp = self._exact_hvp(directions, x0, x1, records).to(direct.dtype)
                 else:
                     hvp = self._finite_difference_hvp(directions, buffers, x0, x1)
                 mask_grad = direct - eta * hvp

@@ -8,7 +8,8 @@ difference) and ``virtual_sgd_step`` (the update ``torch.optim.SGD`` would make,
 
 Fallback rule: the public wrapper checks its arguments (``TypeError``/``ValueError`` naming the argument),
 then runs the compiled op when the extension is loaded, has a kernel for the inputs' device and the tensors
-are contiguous (the kernels walk flat memory; parameter lists always are), and the fallback otherwise.
+are dense with one layout per pair (contiguous or channels_last, the same strides across the lists: the
+kernels walk flat memory; parameter lists always qualify), and the fallback otherwise.
 ``METAMASK_FAST_NO_EXT=1`` in the environment, before this module is imported, skips
 loading the extension, so the fallbacks can be tested and timed on a machine where it is built.
 :data:`HAS_EXTENSION` says whether it is loaded.
@@ -158,20 +159,39 @@ _VIRTUAL_SGD_DEVICES = _kernel_devices("virtual_sgd_step")
 def _compiled(devices: frozenset[str], *lists: Sequence[torch.Tensor]) -> bool:
     """Whether the compiled op with kernels for ``devices`` can take these lists (see the module docstring).
 
-    Cheap on purpose: it only looks at what picks the path (lists of contiguous tensors, the first one's
+    Cheap on purpose: it only looks at what picks the path (lists of dense tensors, the first one's
     device). Everything else about the lists the kernels check themselves, in C++, with the messages of
     the Python checks that the fallback path runs (checking a ResNet's lists in Python would cost a
     third of the sweep)."""
     if not HAS_EXTENSION:
         return False
     try:
+        first = lists[0]
         return (
             all(isinstance(tensors, (list, tuple)) for tensors in lists)
-            and lists[0][0].device.type in devices
-            and all(t.is_contiguous() for tensors in lists for t in tensors)
+            and first[0].device.type in devices
+            and all(_dense(t) for t in first)
+            and all(_same_layout(t, ref) for tensors in lists[1:] for t, ref in zip(tensors, first))
         )
     except (AttributeError, IndexError, TypeError):  # not lists of tensors: the Python checks say why
         return False
+
+
+def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The same memory order as ``ref`` (shapes are checked elsewhere): equal strides in every dimension
+    of size > 1, as the C++ ``same_layout``."""
+    return t.stride() == ref.stride() or all(
+        s == r for s, r, size in zip(t.stride(), ref.stride(), ref.shape) if size > 1
+    )
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous or channels_last: the dense layouts of weights. (The kernels take any dense layout.)"""
+    return (
+        t.is_contiguous()
+        or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    )
 
 
 def _check_add_scaled(op: str, tensors, others, alpha) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
@@ -211,7 +231,8 @@ def add_scaled(
     r""":math:`x_i + \alpha\, y_i` for every pair, into new tensors or into ``out`` (``tensors`` and
     ``others`` unchanged unless ``out`` is ``tensors``).
 
-    The same arguments as :func:`add_scaled_`. Without ``out`` the results are new contiguous tensors. With
+    The same arguments as :func:`add_scaled_`. Without ``out`` the results are new tensors, with the memory
+    layout of ``tensors[i]`` where that is contiguous or channels_last, contiguous otherwise. With
     ``out``, a list of tensors like ``tensors`` (shape, dtype, device), they are written into ``out[i]``,
     which may be ``tensors[i]`` itself but must not otherwise share memory with ``tensors[i]`` or
     ``others[i]`` (``ValueError``); the list of the ``out`` tensors is returned. Keeping ``out`` from one call to the next saves
@@ -236,7 +257,8 @@ def add_scaled(
 
 
 def _add_scaled_torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
-    return [t.contiguous() for t in torch._foreach_add(tensors, others, alpha=alpha)]
+    results = torch._foreach_add(tensors, others, alpha=alpha)
+    return [r if _dense(t) else r.contiguous() for r, t in zip(results, tensors)]
 
 
 def _add_scaled_out_torch(
@@ -325,9 +347,9 @@ def virtual_sgd_step(
     step_grads = [grads[i].detach() for i in stepped]
     step_buffers = [buffers[i] for i in stepped]
     coefficients = (lr, momentum, dampening, weight_decay, nesterov)
-    present = [b for b in step_buffers if b is not None]
     with torch.no_grad():
-        if _compiled(_VIRTUAL_SGD_DEVICES, weights, step_grads, present or weights):
+        laid_out = [w if b is None else b for w, b in zip(weights, step_buffers)]  # aligned with weights
+        if _compiled(_VIRTUAL_SGD_DEVICES, weights, step_grads, laid_out):
             updated = torch.ops.metamask_fast.virtual_sgd_step.default(weights, step_grads, step_buffers, *coefficients)
         else:
             updated = _virtual_sgd_step_torch(weights, step_grads, step_buffers, *coefficients)
@@ -363,7 +385,7 @@ def _add_scaled__fake(tensors, others, alpha) -> None:
 
 def _add_scaled_fake(tensors, others, alpha) -> list[torch.Tensor]:
     _check_add_scaled("add_scaled", list(tensors), list(others), alpha)
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    return [torch.empty_like(t) for t in tensors]  # the compiled op takes dense tensors: their layout
 
 
 def _add_scaled_out_fake(tensors, others, alpha, *, out) -> None:
@@ -374,7 +396,7 @@ def _add_scaled_out_fake(tensors, others, alpha, *, out) -> None:
 def _virtual_sgd_step_fake(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov):
     _check_tensor_list("virtual_sgd_step", "params", list(params))
     _check_pairs("virtual_sgd_step", "params", list(params), "grads", list(grads))
-    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+    return [torch.empty_like(p) for p in params]
 
 
 if HAS_EXTENSION:

@@ -210,6 +210,54 @@ def test_compiled_ops_are_called():
     ]
 
 
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_channels_last_lists_run_compiled_and_keep_their_layout(dtype):
+    # Weights of a channels_last model: dense, but not contiguous. The kernels take them as flat arrays
+    # when every list has the same strides, and the results keep the layout.
+    g = torch.Generator().manual_seed(12)
+
+    def lists():
+        return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(memory_format=torch.channels_last)
+                for s in ((5, 3, 3, 3), (7, 5, 1, 1))] + [torch.randn(9, generator=g, dtype=torch.float64).to(dtype)]
+
+    tensors, others, buffers = lists(), lists(), lists()
+    assert not tensors[0].is_contiguous()
+    with torch.autograd.profiler.profile() as prof:
+        got = ops.add_scaled(tensors, others, 0.7)
+        stepped = ops.virtual_sgd_step(tensors, others, buffers, lr=0.1, momentum=0.9, weight_decay=1e-2)
+        norm = ops.global_norm(tensors)
+    names = [e.name for e in prof.function_events if e.name.startswith("metamask_fast::")]
+    assert names == ["metamask_fast::add_scaled", "metamask_fast::virtual_sgd_step", "metamask_fast::global_norm"]
+    assert [r.stride() for r in got] == [t.stride() for t in tensors]
+    assert [r.stride() for r in stepped] == [t.stride() for t in tensors]
+    assert_close_to(got, [t.double() + 0.7 * o.double() for t, o in zip(tensors, others)], dtype)
+    assert_close_to(stepped, loop_virtual_sgd(tensors, others, buffers, 0.1, 0.9, 0.0, 1e-2, False), dtype)
+    want_norm = torch.cat([t.double().flatten() for t in tensors]).norm()
+    assert abs(norm.double() - want_norm) <= TOLERANCE[dtype] * want_norm
+    out = [torch.empty_like(t) for t in tensors]
+    ops.add_scaled(tensors, others, 0.7, out=out)
+    assert all(torch.equal(a, b) for a, b in zip(out, got))
+    # Mixed layouts in one pair: the fallback, with the same numbers.
+    mixed = [o.contiguous() for o in others]
+    assert_close_to(ops.add_scaled(tensors, mixed, 0.7), [t.double() + 0.7 * o.double() for t, o in zip(tensors, others)],
+                    dtype)
+
+
+@needs_extension
+def test_layouts_that_differ_only_in_size_one_dimensions_run_compiled():
+    # A (5, 1, 3, 3) weight: contiguous and channels_last order its elements the same way with different
+    # strides (the stride of the size-1 dimension is arbitrary), so the kernels take the pair.
+    weight = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    channels_last = weight.to(memory_format=torch.channels_last)
+    assert weight.stride() != channels_last.stride()
+    other = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    with torch.autograd.profiler.profile() as prof:
+        got = ops.add_scaled([channels_last], [other], 0.5)
+    assert "metamask_fast::add_scaled" in {e.name for e in prof.function_events}
+    torch.testing.assert_close(got[0], weight + 0.5 * other, rtol=0, atol=0)
+
+
 def test_non_contiguous_inputs_take_the_fallback_and_are_right():
     base = fresh(shapes=[(6, 8), (4, 10)])
     tensors = [base[0].T, base[1][:, ::2]]
@@ -243,15 +291,19 @@ BAD_COMPILED = [
     ("add_scaled.out", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), 1.0, fresh(torch.float32, shapes=[(3,)])),
      r"out\[0\] must have the dtype and device"),
     ("add_scaled.out", lambda: (fresh(shapes=[(2, 3)]), fresh(shapes=[(2, 3)]), 1.0, [fresh(shapes=[(3, 2)])[0].T]),
-     r"out\[0\] must be contiguous"),
+     r"out\[0\] must have the memory layout \(strides\) of tensors\[0\], \[3, 1\], got \[1, 2\]"),
+    ("add_scaled_", lambda: ([torch.randn(6, 8, dtype=torch.float64)[:, ::2]], fresh(shapes=[(6, 4)]), 1.0),
+     r"tensors\[0\] must be contiguous \(or dense in another memory format"),
     ("add_scaled_", lambda: ([torch.randn(4, 6, dtype=torch.float64).T], fresh(shapes=[(6, 4)]), 1.0),
-     r"tensors\[0\] must be contiguous"),
+     r"others\[0\] must have the memory layout \(strides\) of tensors\[0\]"),
     ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), [None, None], 0.1, 0.9, 0.0, 0.0, False),
      "as long as `params`"),
     ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), fresh(shapes=[(2,)]), 0.1, 0.9, 0.0, 0.0,
                                   False), r"buffers\[0\] must have the shape"),
     ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), [torch.randn(6, dtype=torch.float64)[::2]], [None], 0.1, 0.9,
-                                  0.0, 0.0, False), r"grads\[0\] must be contiguous"),
+                                  0.0, 0.0, False), r"grads\[0\] must have the memory layout"),
+    ("virtual_sgd_step", lambda: ([torch.randn(6, dtype=torch.float64)[::2]], fresh(shapes=[(3,)]), [None], 0.1, 0.9,
+                                  0.0, 0.0, False), r"params\[0\] must be contiguous"),
 ]
 
 

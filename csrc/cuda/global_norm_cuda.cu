@@ -123,7 +123,8 @@ at::Tensor global_norm_cuda(at::TensorList tensors) {
   int64_t* host = meta.data_ptr<int64_t>();
   int64_t num_chunks = 0;
   for (const auto t : c10::irange(num_tensors)) {
-    contiguous.push_back(tensors[t].contiguous());
+    // Dense tensors (contiguous, channels_last, ...) are read as the flat arrays they are.
+    contiguous.push_back(tensors[t].is_non_overlapping_and_dense() ? tensors[t] : tensors[t].contiguous());
     const int64_t n = contiguous.back().numel();
     host[t] = reinterpret_cast<intptr_t>(contiguous.back().const_data_ptr());
     host[num_tensors + t] = n;

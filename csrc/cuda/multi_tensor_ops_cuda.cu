@@ -30,6 +30,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 // c10's stream header rather than ATen/cuda/CUDAContext.h, which needs the cuBLAS and cuSPARSE headers.
@@ -288,7 +289,7 @@ std::vector<at::Tensor> add_scaled_cuda(at::TensorList tensors, at::TensorList o
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    out.push_back(at::empty(t.sizes(), t.options()));
+    out.push_back(at::empty_like(t));  // dense inputs: the same strides
   }
   launch_add_scaled(out, tensors, others, alpha);
   return out;
@@ -307,8 +308,8 @@ std::vector<at::Tensor> virtual_sgd_step_cuda(
   check_tensor_list(op, "params", params);
   check_pairwise_like(op, "params", params, "grads", grads);
   check_cuda(op, "params", params);
-  check_contiguous(op, "params", params);
-  check_contiguous(op, "grads", grads);
+  check_dense(op, "params", params);
+  check_same_strides(op, "params", params, "grads", grads);
   TORCH_CHECK_VALUE(
       buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
       buffers.size(), " and ", params.size());
@@ -328,8 +329,8 @@ std::vector<at::Tensor> virtual_sgd_step_cuda(
         "] must have the dtype and device of params[", i, "] (", params[i].scalar_type(), ", ", params[i].device(),
         "), got ", b.scalar_type(), ", ", b.device());
     TORCH_CHECK_VALUE(
-        b.is_contiguous(), op, ": buffers[", i, "] must be contiguous (its strides are ", b.strides(),
-        "); call .contiguous() on it first");
+        same_layout(b, params[i]), op, ": buffers[", i, "] must have the memory layout (strides) of params[",
+        i, "], ", params[i].strides(), ", got ", b.strides());
   }
 
   const c10::cuda::CUDAGuard device_guard(params[0].device());
@@ -338,7 +339,7 @@ std::vector<at::Tensor> virtual_sgd_step_cuda(
   std::vector<std::array<void*, 4>> ptrs;
   std::vector<int64_t> numel;
   for (const auto i : c10::irange(params.size())) {
-    out.push_back(at::empty(params[i].sizes(), params[i].options()));
+    out.push_back(at::empty_like(params[i]));
     // Without momentum the buffers do not enter the update, so they are not read.
     void* b = use_momentum && buffer[i].has_value() ? const_cast<void*>(buffer[i]->const_data_ptr()) : nullptr;
     ptrs.push_back({const_cast<void*>(params[i].const_data_ptr()), const_cast<void*>(grads[i].const_data_ptr()), b,
