@@ -5,7 +5,7 @@
 # 2. records nvidia-smi and the torch / CUDA / triton versions;
 # 3. runs the test files that hold the CUDA cases (continuing to the benchmarks if they fail);
 # 4. runs the CUDA benchmarks of the loss and of the meta-step ops into $OUT/bench.json and $OUT/table.txt.
-# (The whole-step benchmark, bench/test_bench_step.py, is left to its own issue: it would not fit.)
+# The whole-step benchmark has its own script, bench/gpu_step_check.sh, to run after this one.
 # Every stage has its own timeout; together they stay under 8 minutes. Logs and stage exit codes
 # ($OUT/summary.txt) land in $OUT. Exits non-zero if the build, the tests or a benchmark run failed.
 #

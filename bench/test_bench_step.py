@@ -5,7 +5,9 @@ contrastive head 2048-256, on 32×32 inputs; N=32 on the CPU (a few seconds per 
 Cases: the authors-style step (``authors_second_order``, the baseline of the ratios), MetaMaskStep in its
 faithful mode, with the exact second-order term, and with ``meta_interval=5`` (timed over whole cycles of
 5 calls, reported per call), and a plain Barlow Twins step (both views forward, backward, SGD) as the unit
-of cost.
+of cost. On CUDA also the faithful and exact modes in bfloat16 autocast with channels_last, and for every
+case images/s, peak memory and the model-FLOP utilisation against the H200's dense bfloat16 peak (FLOPs
+counted by ``torch.utils.flop_counter`` over one call: matmuls and convolutions, forward and backward).
 """
 
 import copy
@@ -60,17 +62,40 @@ STEPS = {
     "exact": lambda model: MetaMaskStep(model, *optimizers(model), second_order="exact"),
     "meta_interval_5": lambda model: MetaMaskStep(model, *optimizers(model), meta_interval=5),
 }
+CUDA_STEPS = {  # the mixed-precision configurations: bfloat16 on the CPU here has no fast kernels
+    "faithful_bf16_channels_last": lambda model: MetaMaskStep(model, *optimizers(model), precision="bf16",
+                                                              channels_last=True),
+    "exact_bf16_channels_last": lambda model: MetaMaskStep(model, *optimizers(model), second_order="exact",
+                                                           precision="bf16", channels_last=True),
+}
 CALLS_PER_ROUND = {"meta_interval_5": 5}  # a whole cycle of the schedule per round
+H200_BF16_DENSE_FLOPS = 989e12  # the peak the model-FLOP utilisation is quoted against
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", list(STEPS))
+def count_flops(call, calls: int) -> float | None:
+    """FLOPs of ``calls`` calls (matmuls and convolutions, per torch.utils.flop_counter), per call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(calls):
+                call()
+    except Exception:  # noqa: BLE001  (an op the counter cannot follow: report no MFU rather than fail)
+        return None
+    return counter.get_total_flops() / calls
+
+
+
+@pytest.mark.parametrize(
+    "impl,device",
+    [(impl, device) for device in DEVICES for impl in list(STEPS) + (list(CUDA_STEPS) if device == "cuda" else [])],
+)
 def test_training_step(benchmark, impl, device):
     s = SETTINGS[device]
     benchmark.group = f"training step {device} N={s['batch']}"
     torch.manual_seed(0)
     model = MetaMaskModel(s["backbone"](), s["feature_dim"], bt_dims=s["bt_dims"], cl_dims=s["cl_dims"]).to(device)
-    step = STEPS[impl](copy.deepcopy(model))
+    step = {**STEPS, **CUDA_STEPS}[impl](copy.deepcopy(model))
     x0 = torch.randn(s["batch"], *s["image"], device=device)
     x1 = torch.randn(s["batch"], *s["image"], device=device)
 
@@ -81,4 +106,15 @@ def test_training_step(benchmark, impl, device):
 
     iterations = CALLS_PER_ROUND.get(impl, 1)
     benchmark.extra_info["batch"] = s["batch"]
+    flops = None
+    if device == "cuda":
+        one_step()  # warm (allocator, cuDNN autotuning), then count FLOPs and measure memory from here
+        torch.cuda.reset_peak_memory_stats()
+        flops = count_flops(one_step, iterations)
     benchmark.pedantic(one_step, rounds=s["rounds"], iterations=iterations, warmup_rounds=1)
+    if device == "cuda" and benchmark.stats is not None:
+        seconds = benchmark.stats.stats.median
+        benchmark.extra_info["images_per_s"] = s["batch"] / seconds
+        benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if flops is not None:
+            benchmark.extra_info["mfu_percent_of_bf16_peak"] = 100 * flops / seconds / H200_BF16_DENSE_FLOPS
