@@ -33,13 +33,23 @@ _IN_PLACE_FUNCTIONS = {
 }
 
 
+_RANDOM_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                     torch.dropout, torch.bernoulli, torch.rand, torch.rand_like, torch.randn, torch.randn_like}
+
+
 def trace_backbone(backbone: nn.Module) -> fx.GraphModule | None:
-    """An :mod:`torch.fx` trace of ``backbone`` that shares its modules and weights, or None when it cannot
-    be traced (data-dependent control flow, say)."""
+    """An :mod:`torch.fx` trace of ``backbone`` that shares its modules and weights, or None when the
+    recorded-forward path does not apply: the backbone cannot be traced (data-dependent control flow, say),
+    or it draws random numbers (dropout), which a node-by-node replay would draw anew."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in backbone.modules()):
+        return None
     try:
-        return fx.symbolic_trace(backbone)
+        traced = fx.symbolic_trace(backbone)
     except Exception:  # noqa: BLE001  (any tracing failure means: use the fallback)
         return None
+    if any(node.op == "call_function" and node.target in _RANDOM_FUNCTIONS for node in traced.graph.nodes):
+        return None
+    return traced
 
 
 class _Recorder(fx.Interpreter):

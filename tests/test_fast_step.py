@@ -142,6 +142,21 @@ def test_exact_hvp_from_recorded_forwards_equals_double_backward(make_model):
     assert relative(step._exact_hvp(head_only, x0, x1, records), reference_hvp(model, head_only, x0, x1)) <= 1e-8
 
 
+def test_backbones_with_dropout_take_the_full_jvp():
+    # A replay of recorded nodes would draw new dropout masks; the full jvp draws one, like each
+    # finite-difference pass does.
+    from metamask_fast import _tangents
+
+    assert _tangents.trace_backbone(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.1))) is None
+
+    class FunctionalDropout(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.dropout(x, 0.2, self.training)
+
+    assert _tangents.trace_backbone(FunctionalDropout()) is None
+    assert _tangents.trace_backbone(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())) is not None
+
+
 def test_exact_step_on_an_untraceable_backbone():
     model = model_with(UntraceableNet, 5)
     step = MetaMaskStep(model, *optimizers(model), second_order="exact")
