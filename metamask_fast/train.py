@@ -82,6 +82,7 @@ class TrainConfig:
     lambd: float = 5e-3
     temperature: float = 0.07
     second_order: str = "finite_difference"
+    meta_interval: int = 1
     seed: int = 0
     device: str = "cpu"
     output_dir: str = ""
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--second-order", choices=SECOND_ORDER_MODES, default=defaults.second_order,
                         help="metamask's meta-gradient: finite_difference (the authors'), exact or none (first "
                              "order); default %(default)s")
+    parser.add_argument("--meta-interval", type=_positive_int, default=defaults.meta_interval,
+                        help="metamask only: the mask's meta step on every k-th step (the network steps every "
+                             "step); default %(default)s")
     parser.add_argument("--seed", type=_integer, default=defaults.seed, help="default %(default)s")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda if available, else cpu")
     parser.add_argument("--output-dir", default=None,
@@ -251,6 +255,7 @@ def parse_config(argv: Sequence[str] | None, train_set_size: int) -> TrainConfig
         lr=args.lr,
         mask_lr=args.mask_lr,
         second_order=args.second_order,
+        meta_interval=args.meta_interval,
         seed=args.seed,
         device=device,
         output_dir=str(output_dir),
@@ -326,7 +331,7 @@ def train(config: TrainConfig, split: DigitsSplit, started: float) -> dict:
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(mask_optimizer, T_max=config.epochs))
         stepper = MetaMaskStep(model, net_optimizer, mask_optimizer, weight_cl=config.weight_cl,
                                lambd=config.lambd, temperature=config.temperature,
-                               second_order=config.second_order)
+                               second_order=config.second_order, meta_interval=config.meta_interval)
     else:
         stepper = SingleLossStep(model, net_optimizer, method=config.method, lambd=config.lambd,
                                  temperature=config.temperature)
@@ -344,6 +349,7 @@ def train(config: TrainConfig, split: DigitsSplit, started: float) -> dict:
         for epoch in epochs:
             lr = net_optimizer.param_groups[0]["lr"]
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}  # per key: with meta_interval > 1 the meta step's keys are not in every step
             batches = 0
             for indices in shuffled_batches(num_train, config.batch_size, generator):
                 images = split.train_images[indices]
@@ -359,9 +365,10 @@ def train(config: TrainConfig, split: DigitsSplit, started: float) -> dict:
                     ) from error
                 for key, value in result.items():
                     sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
                 batches += 1
                 step += 1
-            means = {key: total / batches for key, total in sums.items()}
+            means = {key: total / counts[key] for key, total in sums.items()}
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(
                     f"the loss became {means['loss']} in epoch {epoch}; try a smaller --lr (now {config.lr})"

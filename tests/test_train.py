@@ -103,6 +103,17 @@ def test_first_order_metamask_and_flags_are_honoured(tmp_path):
     assert summary["epochs"] == 2
 
 
+def test_meta_interval_and_exact_second_order_are_honoured(tmp_path):
+    output_dir, _ = run_in_process(tmp_path, "--second-order", "exact", "--meta-interval", "2", "--epochs", "1",
+                                   "--batch-size", "256")
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["second_order"], config["meta_interval"]) == ("exact", 2)
+    (record,) = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    # 5 steps of 256 digits: meta steps at steps 0, 2 and 4. Their keys average over those steps only.
+    assert record["step"] == 5 and record["meta_step"] == pytest.approx(3 / 5)
+    assert math.isfinite(record["mask_grad_norm"]) and record["mask_grad_norm"] > 0
+
+
 def test_divergence_ends_with_one_line_and_exit_code_1(tmp_path, capsys):
     arguments = ["--method", "simclr", "--lr", "1e8", "--epochs", "2", "--batch-size", "512", "--no-progress"]
     assert main(["--output-dir", str(tmp_path / "run"), *arguments]) == 1
@@ -154,6 +165,7 @@ BAD_COMMAND_LINES = {
     "unknown-method": (["--method", "byol"], "--method"),
     "unknown-second-order": (["--second-order", "newton"], "--second-order"),
     "seed-text": (["--seed", "x"], "--seed"),
+    "meta-interval-zero": (["--meta-interval", "0"], "--meta-interval"),
     "device-nonsense": (["--device", "tpu"], "--device"),
     "device-cuda-index": (["--device", "cuda:99"], "--device"),
     "unwritable-output-dir": (["--output-dir", "{blocker}/run"], "--output-dir"),
