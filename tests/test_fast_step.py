@@ -354,3 +354,135 @@ def test_bf16_needs_a_float32_model():
     model = tiny_model(0)  # float64
     with pytest.raises(ValueError, match="precision='bf16' autocasts float32 weights"):
         MetaMaskStep(model, *optimizers(model), precision="bf16")
+
+
+class _Cat(nn.Module):  # concatenation, split and chunk: tangents through lists and tuples
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.cat([self.a(x), self.b(x)], dim=1)
+        left, right = torch.split(h, [2, 3], dim=1)
+        first, second = right.chunk(2, dim=2)
+        values, _ = torch.max(left, dim=1, keepdim=True)
+        return torch.cat([first.mean((2, 3)), second.mean((2, 3)), values.mean((2, 3))], dim=1)
+
+
+class _ViewTail(nn.Module):  # out.view(out.size(0), -1): size() yields ints, not tensors
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        out = torch.nn.functional.relu(self.bn(self.conv(x)), inplace=True)
+        return out.view(out.size(0), -1)
+
+
+class _Tied(nn.Module):  # one weight in two layers, a bias-only first layer, a keyword call, a get_attr weight
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(36, 6)
+        self.first.weight.requires_grad_(False)
+        self.one, self.two = nn.Linear(6, 6), nn.Linear(6, 6, bias=False)
+        self.two.weight = self.one.weight
+        self.scale = nn.Parameter(torch.ones(6))
+        self.register_buffer("shift", torch.full((6,), 0.5))
+
+    def forward(self, x):
+        h = self.first(input=x.flatten(1))
+        return self.two(torch.tanh(self.one(h))) * self.scale + self.shift
+
+
+@pytest.mark.parametrize("backbone_class", [_Cat, _ViewTail, _Tied, ResidualNet], ids=lambda c: c.__name__)
+def test_recorded_tangents_equal_the_full_jvp(backbone_class):
+    from torch.func import functional_call, jvp
+
+    from metamask_fast import _tangents
+
+    torch.manual_seed(0)
+    backbone = backbone_class().double()
+    trace = _tangents.trace_backbone(backbone)
+    assert trace is not None
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    directions = {n: torch.randn_like(p) for n, p in backbone.named_parameters() if p.requires_grad}
+    output, env = _tangents.record_forward(trace, x)
+    with torch.no_grad():
+        got = _tangents.forward_tangent(trace, env, directions)
+    buffers = _tangents._buffers_without_running_statistics(backbone)
+    weights = {n: p.detach() for n, p in backbone.named_parameters()}
+    want_output, want = jvp(lambda w: functional_call(backbone, ({**weights, **w}, buffers), (x,)),
+                            ({n: weights[n] for n in directions},), (directions,))
+    torch.testing.assert_close(output, want_output, rtol=1e-13, atol=1e-13)
+    assert relative(got, want) <= 1e-12
+
+
+def test_traces_that_would_replay_wrongly_are_declined():
+    from metamask_fast import _tangents
+
+    class ReadAfterInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = torch.nn.functional.relu(y, inplace=True)
+            return (y + z).mean((2, 3))  # reads y after the in-place ReLU changed it
+
+    class Random(nn.Module):
+        def forward(self, x):
+            return x * torch.rand_like(x)
+
+    assert _tangents.trace_backbone(ReadAfterInPlace()) is None
+    assert _tangents.trace_backbone(Random()) is None
+    assert _tangents.trace_backbone(nn.Sequential(nn.Conv2d(1, 2, 3), nn.RReLU())) is None
+
+
+def test_trace_reads_live_buffers_after_the_model_moves():
+    # fx copies root-level attributes at trace time; the recorded forward must use the live ones.
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.register_buffer("shift", torch.zeros(4, 1, 1))
+
+        def forward(self, x):
+            return (self.conv(x) + self.shift).tanh().mean((2, 3))
+
+    model = model_with(Shifted, 3).float()
+    step = MetaMaskStep(model, *optimizers(model), second_order="exact")
+    model.double()
+    model.backbone.shift.fill_(0.25)
+    x0, x1 = batches(4, steps=1)[0]
+    from metamask_fast import _tangents
+
+    output, _ = _tangents.record_forward(step._traced, x0)
+    torch.testing.assert_close(output, model.backbone(x0), rtol=1e-13, atol=1e-13)
+    v = directions_for(model, 1)
+    assert relative(step._exact_hvp(v, x0, x1, [_tangents.record_forward(step._traced, x) for x in (x0, x1)]),
+                    reference_hvp(model, v, x0, x1)) <= 1e-8
+
+
+@pytest.mark.parametrize("second_order", ["finite_difference", "exact", "none"])
+def test_frozen_layer_left_in_the_optimizer(second_order):
+    # SGD over every non-mask parameter after freezing the first conv: the step leaves it as it is.
+    model = tiny_model(9)
+    model.backbone[0].weight.requires_grad_(False)
+    frozen = model.backbone[0].weight.detach().clone()
+    step = MetaMaskStep(model, *optimizers(model), second_order=second_order)
+    for x0, x1 in batches(12, steps=2):
+        assert all(map(math.isfinite, step.step(x0, x1).values()))
+    assert torch.equal(model.backbone[0].weight, frozen)
+    assert not torch.equal(model.backbone[0].bias, tiny_model(9).backbone[0].bias)
+
+
+def test_bf16_step_reports_float32_losses():
+    model = mid_size_model()
+    step = MetaMaskStep(model, *optimizers(model, lr=1e-3), precision="bf16")
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(32, 3, 16, 16, generator=g), torch.randn(32, 3, 16, 16, generator=g)
+    result = step.step(x0, x1)
+    # bfloat16 keeps 8 significant bits: a float32 loss is almost never representable in it.
+    as_bf16 = [float(torch.tensor(result[k]).to(torch.bfloat16)) for k in ("loss", "loss_bt", "loss_cl")]
+    assert as_bf16 != [result[k] for k in ("loss", "loss_bt", "loss_cl")]
