@@ -73,7 +73,7 @@ void add_scaled_into(at::TensorList outs, at::TensorList tensors, at::TensorList
 
 void add_scaled__cpu(at::TensorList tensors, at::TensorList others, double alpha) {
   check_add_scaled("add_scaled_", tensors, others);
-  check_no_overlap("add_scaled_", "tensors", tensors, "others", others, /*same_allowed=*/true);
+  check_add_scaled_in_place_aliasing("add_scaled_", tensors, others);
   add_scaled_into(tensors, tensors, others, alpha);
 }
 

@@ -23,12 +23,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(metamask_fast, m) {
   // sqrt(sum of squares) over all elements of all tensors: a 0-d tensor of the inputs' dtype and device.
   m.def("global_norm(Tensor[] tensors) -> Tensor");
-  // In place, for every pair: tensors[i] += alpha * others[i] (contiguous, pairwise of one shape).
+  // In place, for every pair: tensors[i] += alpha * others[i] (contiguous, pairwise of one shape; others[i] may
+  // be tensors[i], but no memory is otherwise shared with a written tensor: see tensor_list_checks.h).
   m.def("add_scaled_(Tensor(a!)[] tensors, Tensor[] others, float alpha) -> ()");
   // Out of place: new tensors tensors[i] + alpha * others[i] (the θ ± R·v of the finite difference).
   m.def("add_scaled(Tensor[] tensors, Tensor[] others, float alpha) -> Tensor[]");
-  // The same into given tensors (contiguous, like `tensors`; out[i] may be tensors[i] but must not overlap
-  // others[i]), so that a caller can keep them from step to step instead of allocating fresh memory.
+  // The same into given tensors (contiguous, like `tensors`; out[i] may be tensors[i] but shares no other
+  // memory with out, tensors or others), so that a caller can keep them from step to step instead of
+  // allocating fresh memory.
   m.def("add_scaled.out(Tensor[] tensors, Tensor[] others, float alpha, *, Tensor(a!)[] out) -> ()");
   // θ' = the weights torch.optim.SGD would produce from params, grads and momentum buffers (None: no buffer
   // yet), without touching params or buffers. Every param here has a gradient; see metamask_fast/ops.py.

@@ -8,6 +8,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
 namespace metamask_fast {
 
 // `tensors` must be non-empty and hold tensors of one supported floating dtype on one device.
@@ -94,6 +99,89 @@ inline void check_no_overlap(
   }
 }
 
+namespace detail {
+
+// The bytes [begin, end) that a tensor can touch, and its index in its list.
+struct ByteRange {
+  uintptr_t begin;
+  uintptr_t end;
+  size_t index;
+};
+
+// The byte range of `t`, or false where it touches no memory (no elements, or no storage). Torch strides
+// are never negative, so the last element sits at sum((size - 1) * stride) elements past the first.
+inline bool byte_range(const at::Tensor& t, size_t index, ByteRange& range) {
+  if (t.numel() == 0) {
+    return false;
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (begin == 0) {
+    return false;
+  }
+  int64_t span = 0;
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  for (const auto d : c10::irange(sizes.size())) {
+    span += (sizes[d] - 1) * strides[d];
+  }
+  range = {begin, begin + static_cast<uintptr_t>((span + 1) * static_cast<int64_t>(t.element_size())), index};
+  return true;
+}
+
+}  // namespace detail
+
+// A list that an op reads, with its argument name.
+struct NamedTensorList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+// Aliasing across pairs (check_no_overlap covers each pair written[i], read[i]): no two tensors of `written`
+// may share memory, and written[i] must not share memory with any read[j], j != i, of the lists `reads`
+// (the kernels sweep all pairs at once, in parallel, so the result would depend on the order of the sweep).
+// Reads may share memory with each other. Memory is compared by byte ranges, which is exact for the dense
+// tensors that the kernels take. O(n log n): the written ranges, sorted, must be disjoint, and each read
+// range is looked up among them. metamask_fast/ops.py's _check_no_cross_overlap is the same algorithm, so
+// that both report the same pair.
+inline void check_no_cross_overlap(
+    const char* op, const char* written_name, at::TensorList written, std::initializer_list<NamedTensorList> reads) {
+  std::vector<detail::ByteRange> ranges;
+  ranges.reserve(written.size());
+  for (const auto i : c10::irange(written.size())) {
+    detail::ByteRange range{};
+    if (detail::byte_range(written[i], i, range)) {
+      ranges.push_back(range);
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const detail::ByteRange& a, const detail::ByteRange& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end != b.end ? a.end < b.end : a.index < b.index;
+  });
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    const detail::ByteRange& previous = ranges[k - 1];
+    const detail::ByteRange& current = ranges[k];
+    TORCH_CHECK_VALUE(
+        current.begin >= previous.end, op, ": ", written_name, "[", std::min(previous.index, current.index),
+        "] and ", written_name, "[", std::max(previous.index, current.index), "] share memory; pass separate tensors");
+  }
+  // The written ranges are now disjoint and sorted by begin, hence also by end.
+  for (const NamedTensorList& read : reads) {
+    for (const auto j : c10::irange(read.tensors.size())) {
+      detail::ByteRange r{};
+      if (!detail::byte_range(read.tensors[j], j, r)) {
+        continue;
+      }
+      auto w = std::upper_bound(
+          ranges.begin(), ranges.end(), r.begin,
+          [](uintptr_t address, const detail::ByteRange& range) { return address < range.end; });
+      for (; w != ranges.end() && w->begin < r.end; ++w) {
+        TORCH_CHECK_VALUE(
+            w->index == j, op, ": ", written_name, "[", w->index, "] shares memory with ", read.name, "[", j,
+            "]; pass a separate tensor");
+      }
+    }
+  }
+}
+
 // The arguments of add_scaled_ and add_scaled: dense lists, pairwise alike in shape, dtype, device and layout.
 inline void check_add_scaled(const char* op, at::TensorList tensors, at::TensorList others) {
   check_tensor_list(op, "tensors", tensors);
@@ -102,13 +190,22 @@ inline void check_add_scaled(const char* op, at::TensorList tensors, at::TensorL
   check_same_strides(op, "tensors", tensors, "others", others);
 }
 
-// ... and of add_scaled.out: `out` like `tensors`, each out[i] either tensors[i] itself or separate memory.
+// ... and of add_scaled.out: `out` like `tensors`, each out[i] either tensors[i] itself or memory of its own
+// (shared with no other out[j], tensors[j] or others[j]).
 inline void check_add_scaled_out(const char* op, at::TensorList tensors, at::TensorList others, at::TensorList out) {
   check_add_scaled(op, tensors, others);
   check_pairwise_like(op, "tensors", tensors, "out", out);
   check_same_strides(op, "tensors", tensors, "out", out);
   check_no_overlap(op, "out", out, "tensors", tensors, /*same_allowed=*/true);
   check_no_overlap(op, "out", out, "others", others, /*same_allowed=*/false);
+  check_no_cross_overlap(op, "out", out, {{"tensors", tensors}, {"others", others}});
+}
+
+// ... and the aliasing rules of add_scaled_: tensors[i] may be others[i] itself, but shares no memory with
+// anything else (for the CPU and CUDA kernels alike).
+inline void check_add_scaled_in_place_aliasing(const char* op, at::TensorList tensors, at::TensorList others) {
+  check_no_overlap(op, "tensors", tensors, "others", others, /*same_allowed=*/true);
+  check_no_cross_overlap(op, "tensors", tensors, {{"others", others}});
 }
 
 }  // namespace metamask_fast

@@ -25,6 +25,7 @@ The compiled ops carry fake (meta) kernels, for ``torch.compile``, and ``global_
 registered below; the sweeps run under ``torch.no_grad``.
 """
 
+import bisect
 import os
 from collections.abc import Sequence
 
@@ -205,15 +206,21 @@ def add_scaled_(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
     r"""In place, for every pair: :math:`x_i \mathrel{+}= \alpha\, y_i`.
 
     ``tensors`` and ``others`` are equally long lists of tensors of one dtype on one device, pairwise of
-    one shape; ``alpha`` a finite number. Not differentiable (it runs under ``torch.no_grad``).
+    one shape; ``alpha`` a finite number. ``others[i]`` may be ``tensors[i]`` itself, and the same tensor
+    may appear several times in ``others``, but no two of ``tensors`` may share memory, nor ``tensors[i]``
+    with any other ``others[j]`` (``ValueError``). Not differentiable (it runs under ``torch.no_grad``);
+    like any in-place op it bumps the autograd version counters of ``tensors``, so that a backward pass
+    that saved one of them fails instead of using the new values.
     """
     alpha = check_number("add_scaled_: `alpha`", alpha)
     with torch.no_grad():
         if _compiled(_ADD_SCALED_DEVICES, tensors, others):
             torch.ops.metamask_fast.add_scaled_.default(tensors, others, alpha)
+            _bump_versions(tensors)
             return
         tensors, others, alpha = _check_add_scaled("add_scaled_", tensors, others, alpha)
         _check_no_overlap("add_scaled_", "tensors", tensors, "others", others, same_allowed=True)
+        _check_no_cross_overlap("add_scaled_", "tensors", tensors, ("others", others))
         _add_scaled__torch(tensors, others, alpha)
 
 
@@ -235,8 +242,10 @@ def add_scaled(
     layout of ``tensors[i]`` where that is contiguous or channels_last, contiguous otherwise. With
     ``out``, a list of tensors like ``tensors`` (shape, dtype, device), they are written into ``out[i]``,
     which may be ``tensors[i]`` itself but must not otherwise share memory with ``tensors[i]`` or
-    ``others[i]`` (``ValueError``); the list of the ``out`` tensors is returned. Keeping ``out`` from one call to the next saves
-    allocating and page-faulting fresh memory on every call, which on the CPU costs more than the sweep.
+    ``others[i]``, nor any memory with another ``out[j]``, ``tensors[j]`` or ``others[j]`` (``ValueError``);
+    the list of the ``out`` tensors is returned, their autograd version counters bumped. Keeping ``out``
+    from one call to the next saves allocating and page-faulting fresh memory on every call, which on the
+    CPU costs more than the sweep.
     """
     alpha = check_number("add_scaled: `alpha`", alpha)
     with torch.no_grad():
@@ -244,6 +253,7 @@ def add_scaled(
             return list(torch.ops.metamask_fast.add_scaled.default(tensors, others, alpha))
         if out is not None and _compiled(_ADD_SCALED_DEVICES, tensors, others, out):
             torch.ops.metamask_fast.add_scaled.out(tensors, others, alpha, out=out)
+            _bump_versions(out)
             return list(out)
         tensors, others, alpha = _check_add_scaled("add_scaled", tensors, others, alpha)
         if out is None:
@@ -252,6 +262,7 @@ def add_scaled(
         _check_pairs("add_scaled", "tensors", tensors, "out", out)
         _check_no_overlap("add_scaled", "out", out, "tensors", tensors, same_allowed=True)
         _check_no_overlap("add_scaled", "out", out, "others", others, same_allowed=False)
+        _check_no_cross_overlap("add_scaled", "out", out, ("tensors", tensors), ("others", others))
         _add_scaled_out_torch(tensors, others, alpha, out)
         return out
 
@@ -270,10 +281,19 @@ def _add_scaled_out_torch(
     torch._foreach_add_(out, others, alpha=alpha)
 
 
+def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
+    """Tell autograd that the compiled op wrote ``tensors``, as torch's own in-place ops do: the custom ops
+    have no ADInplaceOrView kernel, so nothing else bumps the version counters, and a backward pass that
+    saved one of these tensors would silently use the new values. (One C++ call for the whole list; skipped
+    while ``torch.compile`` traces, where functionalization replays the mutation with torch's own ops.)"""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(tensors)
+
+
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """The first and one-past-last byte that ``t`` can touch, ``(0, 0)`` for an empty tensor (torch strides
-    are never negative)."""
-    if t.numel() == 0:
+    """The first and one-past-last byte that ``t`` can touch, ``(0, 0)`` for an empty tensor or one without
+    storage (a meta tensor; torch strides are never negative)."""
+    if t.numel() == 0 or t.data_ptr() == 0:
         return 0, 0
     span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + (span + 1) * t.itemsize
@@ -295,6 +315,40 @@ def _check_no_overlap(
             + (" without being the same tensor" if same_allowed else "")
             + "; pass a separate tensor"
         )
+
+
+def _check_no_cross_overlap(
+    op: str, written_name: str, written: list[torch.Tensor], *reads: tuple[str, list[torch.Tensor]]
+) -> None:
+    """Aliasing across pairs (``_check_no_overlap`` covers each pair ``written[i]``, ``read[i]``): no two of
+    ``written`` may share memory, and ``written[i]`` none with any ``read[j]``, ``j != i``, of the lists
+    ``reads`` (``(name, list)`` pairs); reads may share memory with each other. The same algorithm, and so
+    the same message for the same arguments, as the C++ ``check_no_cross_overlap``: the written byte ranges,
+    sorted, must be disjoint, and each read range is looked up among them (O(n log n), not O(n²)). Byte
+    ranges are exact for dense tensors and err on the safe side for others (two interleaved views of one
+    storage count as sharing memory)."""
+    ranges = sorted((*_byte_range(t), i) for i, t in enumerate(written))
+    ranges = [r for r in ranges if r[1] != 0]  # no memory touched
+    for (_, previous_end, previous), (begin, _, current) in zip(ranges, ranges[1:]):
+        if begin < previous_end:
+            first, second = sorted((previous, current))
+            raise ValueError(
+                f"{op}: {written_name}[{first}] and {written_name}[{second}] share memory; pass separate tensors"
+            )
+    ends = [end for _, end, _ in ranges]  # the ranges are disjoint and sorted by begin, hence also by end
+    for read_name, read in reads:
+        for j, t in enumerate(read):
+            begin, end = _byte_range(t)
+            if end == 0:
+                continue
+            k = bisect.bisect_right(ends, begin)
+            while k < len(ranges) and ranges[k][0] < end:
+                if ranges[k][2] != j:
+                    raise ValueError(
+                        f"{op}: {written_name}[{ranges[k][2]}] shares memory with {read_name}[{j}]; "
+                        "pass a separate tensor"
+                    )
+                k += 1
 
 
 def virtual_sgd_step(

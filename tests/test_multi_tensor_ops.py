@@ -7,8 +7,9 @@ is not loaded (``METAMASK_FAST_NO_EXT=1`` in CI's second pass).
 """
 
 import copy
-import math
 import itertools
+import math
+import re
 
 import pytest
 import torch
@@ -192,6 +193,212 @@ def test_compiled_ops_refuse_overlapping_lists(what, call, message, monkeypatch)
     with pytest.raises(ValueError, match=message):
         call(storage)
     assert torch.equal(storage, torch.arange(10, dtype=torch.float64))
+
+
+def _ones(n=5):
+    return torch.ones(n, dtype=torch.float64)
+
+
+def _same_twice(s):
+    t = s[:5]
+    ops.add_scaled_([t, t], [_ones(), _ones()], 1.0)
+
+
+CROSS_OVERLAPS = [  # aliasing across pairs: (what, op call given one 10-element float64 storage `s`, message)
+    ("add_scaled_ same tensor twice", _same_twice,
+     r"add_scaled_: tensors\[0\] and tensors\[1\] share memory; pass separate tensors"),
+    ("add_scaled_ overlapping views", lambda s: ops.add_scaled_([s[:6], s[4:]], [_ones(6), _ones(6)], 1.0),
+     r"add_scaled_: tensors\[0\] and tensors\[1\] share memory; pass separate tensors"),
+    ("add_scaled_ reads another written", lambda s: ops.add_scaled_([s[:5], s[5:]], [_ones(), s[:5]], 1.0),
+     r"add_scaled_: tensors\[0\] shares memory with others\[1\]; pass a separate tensor"),
+    ("add_scaled_ reads part of another written", lambda s: ops.add_scaled_([s[5:], _ones()], [_ones(), s[3:8]], 1.0),
+     r"add_scaled_: tensors\[0\] shares memory with others\[1\]; pass a separate tensor"),
+    ("out twice", lambda s: ops.add_scaled([_ones(), _ones()], [_ones(), _ones()], 1.0, out=[s[:5], s[:5]]),
+     r"add_scaled: out\[0\] and out\[1\] share memory; pass separate tensors"),
+    ("out overlapping views",
+     lambda s: ops.add_scaled([_ones(), _ones()], [_ones(), _ones()], 1.0, out=[s[4:9], s[:5]]),
+     r"add_scaled: out\[0\] and out\[1\] share memory; pass separate tensors"),
+    ("out is another tensors", lambda s: ops.add_scaled([s[:5], _ones()], [_ones(), _ones()], 1.0, out=[s[5:], s[:5]]),
+     r"add_scaled: out\[1\] shares memory with tensors\[0\]; pass a separate tensor"),
+    ("out partly another tensors", lambda s: ops.add_scaled([s[:5], _ones()], [_ones(), _ones()], 1.0,
+                                                            out=[_ones(), s[2:7]]),
+     r"add_scaled: out\[1\] shares memory with tensors\[0\]; pass a separate tensor"),
+    ("out is another others", lambda s: ops.add_scaled([_ones(), _ones()], [s[:5], _ones()], 1.0, out=[s[5:], s[:5]]),
+     r"add_scaled: out\[1\] shares memory with others\[0\]; pass a separate tensor"),
+    ("out in place of another pair", lambda s: ops.add_scaled([s[:5], s[5:]], [_ones(), _ones()], 1.0,
+                                                              out=[s[5:], s[:5]]),
+     r"add_scaled: out\[1\] shares memory with tensors\[0\]; pass a separate tensor"),
+]
+
+
+def _refusal(call, storage) -> str:
+    with pytest.raises(ValueError) as refused:
+        call(storage)
+    assert torch.equal(storage, torch.arange(10, dtype=torch.float64))  # refused before anything was written
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("what,call,message", CROSS_OVERLAPS, ids=[o[0] for o in CROSS_OVERLAPS])
+def test_aliasing_across_pairs_is_refused(path, what, call, message):
+    assert re.search(message, _refusal(call, torch.arange(10, dtype=torch.float64)))
+
+
+@needs_extension
+@pytest.mark.parametrize("what,call,message", CROSS_OVERLAPS, ids=[o[0] for o in CROSS_OVERLAPS])
+def test_compiled_ops_refuse_aliasing_across_pairs(what, call, message, monkeypatch):
+    # The C++ checks on their own, with the wrapper's Python checks switched off; and word for word the
+    # message of the Python checks.
+    with monkeypatch.context() as m:
+        m.setattr(ops, "HAS_EXTENSION", False)
+        python_message = _refusal(call, torch.arange(10, dtype=torch.float64))
+    monkeypatch.setattr(ops, "_check_no_overlap", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ops, "_check_no_cross_overlap", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ops, "_add_scaled__torch", lambda *a: pytest.fail("fallback called"))
+    monkeypatch.setattr(ops, "_add_scaled_out_torch", lambda *a: pytest.fail("fallback called"))
+    compiled_message = _refusal(call, torch.arange(10, dtype=torch.float64))
+    assert re.search(message, compiled_message)
+    assert compiled_message.splitlines()[0] == python_message
+
+
+def test_aliasing_that_stays_apart_is_accepted(path):
+    s = torch.arange(10, dtype=torch.float64)
+    y = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    # Adjacent views of one storage (the same memory never written twice), one read tensor in two pairs.
+    ops.add_scaled_([s[:5], s[5:]], [y, y], 2.0)
+    assert torch.equal(s, torch.arange(10, dtype=torch.float64) + 2 * torch.cat([y, y]))
+    # The same: out=tensors exactly, and others[i] = tensors[i] beside a read shared by two pairs.
+    s = torch.arange(10, dtype=torch.float64)
+    ops.add_scaled([s[:5], s[5:]], [y, y], -1.0, out=[s[:5], s[5:]])
+    assert torch.equal(s, torch.arange(10, dtype=torch.float64) - torch.cat([y, y]))
+    s = torch.arange(10, dtype=torch.float64)
+    ops.add_scaled_([s[:5], s[5:]], [s[:5], y], 0.5)
+    want = torch.cat([1.5 * torch.arange(5.0, dtype=torch.float64), torch.arange(5.0, 10.0) + 0.5 * y])
+    assert torch.equal(s, want)
+    # One tensor read by several pairs (and by both lists) into separate outputs.
+    x = torch.arange(5, dtype=torch.float64)
+    out = ops.add_scaled([x, x, x], [x, y, y], 3.0, out=[torch.empty(5, dtype=torch.float64) for _ in range(3)])
+    assert all(torch.equal(o, w) for o, w in zip(out, [4 * x, x + 3 * y, x + 3 * y]))
+    # Empty views at one address touch no memory.
+    s = torch.arange(10, dtype=torch.float64)
+    ops.add_scaled_([s[3:3], s[3:3], s[:2]], [s[3:3], s[3:3], y[:2]], 1.0)
+    assert torch.equal(s[:2], torch.arange(2, dtype=torch.float64) + y[:2])
+
+
+def _brute_force_refuses(in_place, written, reads):
+    """The aliasing rule, pair by pair in O(n²): whether the op must refuse these (1-D) views."""
+    def share(a, b):
+        if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+        a_begin, b_begin = a.storage_offset(), b.storage_offset()
+        return a_begin < b_begin + b.numel() and b_begin < a_begin + a.numel()
+
+    def same(a, b):
+        return a.data_ptr() == b.data_ptr()
+
+    n = len(written)
+    for i, j in itertools.product(range(n), repeat=2):
+        if i != j and share(written[i], written[j]):
+            return True
+        for k, read in enumerate(reads):
+            if not share(written[i], read[j]):
+                continue
+            if i != j:
+                return True
+            same_allowed = k == 0  # others[i] in place, tensors[i] for out; never others[i] for out
+            if not (same_allowed and same(written[i], read[j])):
+                return True
+    return False
+
+
+@needs_extension
+@pytest.mark.parametrize("in_place", [True, False], ids=["add_scaled_", "add_scaled.out"])
+def test_random_aliasing_against_the_pairwise_rule(in_place, monkeypatch):
+    # Lists of random views into a few shared storages: C++ and Python refuse exactly what the pairwise
+    # rule refuses, with the same message, and what they accept gives the per-tensor result.
+    g = torch.Generator().manual_seed(21)
+    refused = accepted = 0
+    for trial in range(300):
+        storages = [torch.randn(12, generator=g, dtype=torch.float64) for _ in range(2)]
+        n = int(torch.randint(1, 5, (), generator=g))
+        lengths = [int(torch.randint(0, 4, (), generator=g)) for _ in range(n)]
+
+        def view(length):
+            if torch.rand((), generator=g) < 0.25:
+                return torch.randn(length, generator=g, dtype=torch.float64)
+            s = storages[int(torch.randint(0, 2, (), generator=g))]
+            start = int(torch.randint(0, 12 - length + 1, (), generator=g))
+            return s[start:start + length]
+
+        lists = [[view(length) for length in lengths] for _ in range(3 if not in_place else 2)]
+        if in_place:
+            tensors, others = lists
+            written, reads = tensors, [others]
+            call = lambda: ops.add_scaled_(tensors, others, 0.5)  # noqa: E731
+        else:
+            tensors, others, out = lists
+            written, reads = out, [tensors, others]
+            call = lambda: ops.add_scaled(tensors, others, 0.5, out=out)  # noqa: E731
+        want = [t + 0.5 * o for t, o in zip(tensors, others)]
+        before = [s.clone() for s in storages]
+        snapshot = [[t.clone() for t in listed] for listed in lists]
+        messages = []
+        for compiled in (False, True):
+            with monkeypatch.context() as m:
+                if compiled:
+                    m.setattr(ops, "_check_no_overlap", lambda *args, **kwargs: None)
+                    m.setattr(ops, "_check_no_cross_overlap", lambda *args, **kwargs: None)
+                    m.setattr(ops, "_add_scaled__torch", lambda *a: pytest.fail("fallback called"))
+                    m.setattr(ops, "_add_scaled_out_torch", lambda *a: pytest.fail("fallback called"))
+                else:
+                    m.setattr(ops, "HAS_EXTENSION", False)
+                try:
+                    call()
+                except ValueError as exc:
+                    messages.append(str(exc).splitlines()[0])
+                    assert all(torch.equal(s, b) for s, b in zip(storages, before))
+                    continue
+                messages.append(None)
+                torch.testing.assert_close(written, want, rtol=1e-15, atol=1e-15, msg=lambda m: f"{trial}: {m}")
+                for listed, saved in zip(lists, snapshot):  # back to the inputs for the other path
+                    for t, b in zip(listed, saved):
+                        t.copy_(b)
+        assert messages[0] == messages[1], trial
+        assert (messages[0] is not None) == _brute_force_refuses(in_place, written, reads), (trial, messages[0])
+        refused += messages[0] is not None
+        accepted += messages[0] is None
+    assert refused > 50 and accepted > 50  # both outcomes well covered
+
+
+@pytest.mark.parametrize("form", ["add_scaled_", "add_scaled.out"])
+def test_writes_bump_autograd_version_counters(path, form):
+    # A tensor that autograd saved for backward, then written by the op: backward must refuse, as after
+    # torch's own in-place ops, rather than use the new values. The saved tensor is not the list's first.
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    tensors = [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    others = [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    written = tensors if form == "add_scaled_" else [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    loss = (w * written[1]).sum()  # saves written[1] for the gradient of w
+    version = written[1]._version
+    if form == "add_scaled_":
+        ops.add_scaled_(tensors, others, 0.5)
+    else:
+        ops.add_scaled(tensors, others, 0.5, out=written)
+    assert written[1]._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    (w * written[1]).sum().backward()  # a graph built after the write is fine
+    assert torch.equal(w.grad, written[1])
+
+
+def test_inference_tensors_are_written_in_place(path):
+    # Inference tensors have no version counter to bump.
+    with torch.inference_mode():
+        tensors, others = fresh(), fresh()
+        want = [t + 2.0 * o for t, o in zip(tensors, others)]
+        ops.add_scaled_(tensors, others, 2.0)
+        out = ops.add_scaled(tensors, others, 1.0, out=[torch.empty_like(t) for t in tensors])
+    assert_close_to(tensors, want, torch.float64)
+    assert_close_to(out, [t.double() + o.double() for t, o in zip(tensors, others)], torch.float64)
 
 
 @needs_extension

@@ -269,7 +269,7 @@ void launch_add_scaled(at::TensorList outs, at::TensorList tensors, at::TensorLi
 void add_scaled__cuda(at::TensorList tensors, at::TensorList others, double alpha) {
   check_add_scaled("add_scaled_", tensors, others);
   check_cuda("add_scaled_", "tensors", tensors);
-  check_no_overlap("add_scaled_", "tensors", tensors, "others", others, /*same_allowed=*/true);
+  check_add_scaled_in_place_aliasing("add_scaled_", tensors, others);
   const c10::cuda::CUDAGuard device_guard(tensors[0].device());
   std::vector<std::array<void*, 2>> ptrs;
   std::vector<int64_t> numel;
