@@ -258,6 +258,10 @@ def _node_tangent(trace: Trace, node: fx.Node, primal_args, tangent_args, by_id,
                 weight_tangents[name] = by_id[id(p)]
         if _bilinear_applies(module, args, kwargs, t_args):
             return _bilinear_tangent(module, args[0], t_args[0], weights, weight_tangents, recorded)
+        if _batch_norm_applies(module, args, kwargs):
+            return _batch_norm_tangent(module, args[0], t_args[0], weights, weight_tangents)
+        if type(module) is nn.ReLU and len(args) == 1 and not kwargs:
+            return torch.ops.aten.threshold_backward(t_args[0], args[0], 0) if _floating(t_args[0]) else None
         buffers = _buffers_without_running_statistics(module)
 
         def call(*call_args, **call_kwargs):
@@ -329,6 +333,42 @@ def _bilinear_tangent(module, x, dx, weights, weight_tangents, recorded):
     for term in terms[1:]:
         total = total + term
     return total.expand(recorded.shape) if total.shape != recorded.shape else total
+
+
+def _batch_norm_applies(module: nn.Module, args, kwargs) -> bool:
+    """BatchNorm normalising with batch statistics (training mode, or no running buffers), on one tensor."""
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (module.training or module.running_mean is None)
+        and len(args) == 1
+        and not kwargs
+        and isinstance(args[0], torch.Tensor)
+    )
+
+
+def _batch_norm_tangent(module, x, dx, weights, weight_tangents):
+    """y = γ x̂ + β with x̂ = (x - μ) / sqrt(σ² + ε) over the batch statistics of x. Per channel the Jacobian
+    of y in x, γ r (I - 11ᵀ/N - x̂x̂ᵀ/N), is symmetric, so its product with ẋ is BatchNorm's own backward
+    applied to ẋ (one fused kernel instead of a dozen elementwise ops); the weight terms add γ̇ x̂ + β̇,
+    which is a batch norm of x with weight γ̇ and bias β̇ (which also yields the statistics)."""
+    gamma = weights.get("weight")
+    d_gamma, d_beta = weight_tangents.get("weight"), weight_tangents.get("bias")
+    has_affine_tangent = d_gamma is not None or d_beta is not None
+    channels = x.shape[1]
+    if has_affine_tangent:
+        d_gamma = d_gamma if d_gamma is not None else x.new_zeros(channels)
+        d_beta = d_beta if d_beta is not None else x.new_zeros(channels)
+    affine_term, mean, invstd = torch.native_batch_norm(
+        x, d_gamma if has_affine_tangent else None, d_beta if has_affine_tangent else None, None, None, True, 0.0,
+        module.eps,
+    )
+    result = affine_term if has_affine_tangent else None
+    if _floating(dx):
+        through_input = torch.ops.aten.native_batch_norm_backward(
+            dx, x, gamma, None, None, mean, invstd, True, module.eps, [True, False, False]
+        )[0]
+        result = through_input if result is None else result + through_input
+    return result
 
 
 def _bilinear(module, x, weight):
