@@ -486,3 +486,14 @@ def test_bf16_step_reports_float32_losses():
     # bfloat16 keeps 8 significant bits: a float32 loss is almost never representable in it.
     as_bf16 = [float(torch.tensor(result[k]).to(torch.bfloat16)) for k in ("loss", "loss_bt", "loss_cl")]
     assert as_bf16 != [result[k] for k in ("loss", "loss_bt", "loss_cl")]
+
+
+def test_compiled_backbone_step_equals_the_eager_step():
+    eager, eager_results = train(tiny_model(10), 2)
+    compiled, compiled_results = train(tiny_model(10), 2, compile_backbone=True)
+    diffs = relative_differences(compiled.model, eager.model)
+    assert max(diffs.values()) <= 1e-10, max(diffs, key=diffs.get)
+    for got, want in zip(compiled_results, eager_results):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    with pytest.raises(TypeError, match="compile_backbone must be a bool"):
+        MetaMaskStep(model := tiny_model(0), *optimizers(model), compile_backbone="yes")
