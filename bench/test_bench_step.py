@@ -32,7 +32,7 @@ def cifar_resnet18() -> nn.Module:
 
 AUTHORS_MODEL = dict(backbone=cifar_resnet18, feature_dim=512, bt_dims=(2048, 2048, 2048), cl_dims=(2048, 256),
                      image=(3, 32, 32))
-SETTINGS = {"cpu": dict(AUTHORS_MODEL, batch=32, rounds=3), "cuda": dict(AUTHORS_MODEL, batch=512, rounds=5)}
+SETTINGS = {"cpu": dict(AUTHORS_MODEL, batch=32, rounds=5), "cuda": dict(AUTHORS_MODEL, batch=512, rounds=5)}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
