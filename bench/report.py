@@ -36,7 +36,8 @@ def main(path: str) -> None:
                 f"  {base['stats']['median'] / median:6.2f}x vs {base['params']['impl']:16s}" for base in bases
             )
             info = bench.get("extra_info", {})
-            extra = "".join(f"  {k}={v:.1f}" for k, v in info.items())
+            extra = "".join(f"  {k}={v:.3g}" if isinstance(v, float) and abs(v) < 10 else f"  {k}={v:.1f}"
+                            for k, v in info.items())
             if "mbytes_moved" in info:
                 extra += f"  {info['mbytes_moved'] / 1e3 / median:.1f} GB/s"
             print(f"  {impl:28s} {median * 1e3:10.2f} ms{ratios}{extra}")
