@@ -262,7 +262,7 @@ def _node_tangent(trace: Trace, node: fx.Node, primal_args, tangent_args, by_id,
             return _batch_norm_tangent(module, args[0], t_args[0], weights, weight_tangents)
         if type(module) is nn.ReLU and len(args) == 1 and not kwargs:
             return torch.ops.aten.threshold_backward(t_args[0], args[0], 0) if _floating(t_args[0]) else None
-        buffers = _buffers_without_running_statistics(module)
+        buffers = batch_statistics_buffers(module)
 
         def call(*call_args, **call_kwargs):
             return functional_call(module, ({**weights, **call_weights[0]}, buffers), call_args, call_kwargs)
@@ -377,7 +377,10 @@ def _bilinear(module, x, weight):
     return module._conv_forward(x, weight, None)
 
 
-def _buffers_without_running_statistics(module: nn.Module) -> dict[str, torch.Tensor | None]:
+def batch_statistics_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Buffers for :func:`functional_call` that make every BatchNorm in training mode normalise with batch
+    statistics and update nothing (its running buffers replaced by None; what :func:`torch.func.jvp` needs,
+    as it cannot update buffers in place); other buffers as they are."""
     buffers: dict[str, torch.Tensor | None] = dict(module.named_buffers())
     for prefix, sub in module.named_modules():
         if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training:

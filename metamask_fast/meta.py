@@ -51,17 +51,6 @@ _SECOND_ORDER = ("finite_difference", "exact", "none")
 _PRECISIONS = ("fp32", "bf16")
 
 
-def _batch_statistics_only(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    """Buffers for :func:`functional_call` that make every BatchNorm normalise with batch statistics and
-    update nothing (its running buffers replaced by None); other buffers as they are."""
-    buffers: dict[str, torch.Tensor | None] = dict(model.named_buffers())
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buffers[f"{prefix}.{name}" if prefix else name] = None
-    return buffers
-
-
 def _gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """``∂loss/∂p`` for every ``p`` in ``params``; None for the ones that do not require grad (a frozen layer
     left in the optimizer) or that ``loss`` does not depend on."""
@@ -308,7 +297,7 @@ class MetaMaskStep:
         model = self.model
         params = dict(model.named_parameters())
         names = list(v)
-        buffers = _batch_statistics_only(model)
+        buffers = _tangents.batch_statistics_buffers(model)
         mask_module, logits = model.mask, model.mask.logits.detach()
 
         def mask_gradient(weights):
@@ -331,7 +320,7 @@ class MetaMaskStep:
         """:meth:`_exact_hvp` from step 2's recorded forwards: the backbone's output tangents along the
         backbone part of ``v``, then forward-over-reverse through the (small) contrastive head only."""
         model = self.model
-        buffers = _batch_statistics_only(model)
+        buffers = _tangents.batch_statistics_buffers(model)
         backbone_v = {name[len("backbone.") :]: t.detach() for name, t in v.items() if name.startswith("backbone.")}
         head_v = {name: t.detach() for name, t in v.items() if name.startswith("cl_head.")}
         params = dict(model.named_parameters())

@@ -409,7 +409,7 @@ def test_recorded_tangents_equal_the_full_jvp(backbone_class):
     output, env = _tangents.record_forward(trace, x)
     with torch.no_grad():
         got = _tangents.forward_tangent(trace, env, directions)
-    buffers = _tangents._buffers_without_running_statistics(backbone)
+    buffers = _tangents.batch_statistics_buffers(backbone)
     weights = {n: p.detach() for n, p in backbone.named_parameters()}
     want_output, want = jvp(lambda w: functional_call(backbone, ({**weights, **w}, buffers), (x,)),
                             ({n: weights[n] for n in directions},), (directions,))
