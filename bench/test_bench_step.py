@@ -16,20 +16,16 @@ import time
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from baselines.authors_style import AuthorsStyleMetaMaskStep, authors_barlow_twins_loss
+from metamask_fast.backbones import cifar_resnet
 from metamask_fast.meta import MetaMaskStep
 from metamask_fast.models import MetaMaskModel
 
 
 def cifar_resnet18() -> nn.Module:
-    net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
+    return cifar_resnet(18)
 
 
 AUTHORS_MODEL = dict(backbone=cifar_resnet18, feature_dim=512, bt_dims=(2048, 2048, 2048), cl_dims=(2048, 256),

@@ -1,8 +1,8 @@
 """Backbones sized for small images.
 
-The authors train a CIFAR ResNet-18 (512-d features). On the 16×16 digits of the default run that network is
-a poor fit for a minutes-long CPU budget (SPEC §5); :class:`DigitsConvNet` is the small plain convolutional
-network measured there instead.
+The authors train a CIFAR ResNet-18 (512-d features): :func:`cifar_resnet` builds it, and the ResNet-50
+(2048-d). On the 16×16 digits of the default run that network is a poor fit for a minutes-long CPU budget
+(SPEC §5); :class:`DigitsConvNet` is the small plain convolutional network measured there instead.
 """
 
 from __future__ import annotations
@@ -10,9 +10,31 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torchvision
 from torch import nn
 
-__all__ = ["DigitsConvNet"]
+__all__ = ["DigitsConvNet", "cifar_resnet"]
+
+_RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}
+
+
+def cifar_resnet(depth: int = 18, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-``depth`` (18, 34 or 50) in its CIFAR form: a 3×3 stride-1 stem without the
+    max-pool, so that a 32×32 image keeps its resolution into the first stage, and no classifier.
+
+    ``forward(x)`` maps ``[N, in_channels, H, W]`` to ``[N, feature_dim]``; ``feature_dim`` (an attribute) is
+    what the last stage produces, 512 for ResNet-18/34 and 2048 for ResNet-50. Randomly initialised.
+    """
+    if isinstance(depth, bool) or depth not in _RESNETS:
+        raise ValueError(f"depth must be one of {sorted(_RESNETS)}, got {depth!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    net = _RESNETS[depth]()
+    net.conv1 = nn.Conv2d(in_channels, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
 
 
 class DigitsConvNet(nn.Module):

@@ -82,3 +82,28 @@ def test_model_bad_input():
         model(torch.randn(3, 1, 4, 4).numpy())
     with pytest.raises(ValueError, match="x is on meta"):
         model(torch.randn(3, 1, 4, 4, device="meta"))
+
+
+@pytest.mark.parametrize("depth,feature_dim", [(18, 512), (50, 2048)])
+def test_cifar_resnet_keeps_the_resolution_and_reports_its_feature_size(depth, feature_dim):
+    from metamask_fast.backbones import cifar_resnet
+
+    net = cifar_resnet(depth)
+    assert net.feature_dim == feature_dim
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity) and isinstance(net.fc, torch.nn.Identity)
+    seen = []
+    net.layer1.register_forward_hook(lambda module, args, out: seen.append(out.shape[-1]))
+    out = net.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, feature_dim) and seen == [32]  # the first stage sees all 32×32 pixels
+    model = MetaMaskModel(cifar_resnet(depth, in_channels=1), net.feature_dim, bt_dims=(16, 16), cl_dims=(8,))
+    assert model(torch.randn(3, 1, 32, 32))[0].shape == (3, 16)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"depth": 101}, "depth must be one of"),
+                                            ({"in_channels": 0}, "in_channels must be a positive integer")])
+def test_cifar_resnet_rejects_bad_arguments(kwargs, message):
+    from metamask_fast.backbones import cifar_resnet
+
+    with pytest.raises(ValueError, match=message):
+        cifar_resnet(**kwargs)
