@@ -1,0 +1,226 @@
+"""Image datasets read from disk in torchvision's own formats, and the two-view SimCLR augmentation.
+
+- ``cifar10``: ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``, ``test_batch``), the
+  pickles that ``torchvision.datasets.CIFAR10(data_dir, download=True)`` unpacks.
+- ``cifar100``: ``<data_dir>/cifar-100-python/`` (``train``, ``test``; fine labels).
+- ``stl10``: ``<data_dir>/stl10_binary/`` (``train_X.bin``/``train_y.bin``, ``test_X.bin``/``test_y.bin``,
+  ``unlabeled_X.bin``), the binaries of ``torchvision.datasets.STL10``; splits ``train``, ``test``,
+  ``unlabeled`` and ``train+unlabeled`` (label -1 for unlabeled images).
+- ``folder``: any folder of images; with one sub-folder per class the labels are the sorted class names'
+  indices, and a flat folder has no labels.
+
+The pickles and binaries are read here rather than through torchvision's dataset classes, which refuse any
+file whose MD5 differs from the published archive's (a subset, a re-packed copy). ``download=True`` asks
+torchvision to fetch the published archive into ``data_dir`` first. A missing or malformed dataset raises
+:class:`DatasetError`, whose message says which file is wrong and where the files belong.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision import transforms
+
+__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "simclr_augmentation", "TwoViews"]
+
+DATASETS = ("cifar10", "cifar100", "stl10", "folder")
+
+# Per-channel mean and std of each dataset's training images, for normalisation.
+_STATISTICS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, for arbitrary photographs
+}
+_DOWNLOADERS = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+                "stl10": torchvision.datasets.STL10}
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing or malformed on disk; the message says what to fix."""
+
+
+@dataclass
+class ImageSet:
+    """Images of one split: ``images`` a uint8 tensor ``[N, 3, H, W]`` (CIFAR, STL-10) or a list of file
+    paths (folders); ``labels`` an int64 tensor ``[N]`` (-1: unlabeled) or None; ``classes`` the class
+    names where known."""
+
+    images: torch.Tensor | list[Path]
+    labels: torch.Tensor | None
+    classes: list[str] | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def load_images(name: str, data_dir: str | Path, split: str = "train", *, download: bool = False) -> ImageSet:
+    """One split of dataset ``name`` (see the module docstring) from ``data_dir``."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    data_dir = Path(data_dir)
+    if download and name in _DOWNLOADERS:
+        _download(name, data_dir)
+    if name == "cifar10":
+        return _cifar(data_dir / "cifar-10-batches-py", split, "cifar10",
+                      {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, b"labels")
+    if name == "cifar100":
+        return _cifar(data_dir / "cifar-100-python", split, "cifar100", {"train": ["train"], "test": ["test"]},
+                      b"fine_labels")
+    if name == "stl10":
+        return _stl10(data_dir / "stl10_binary", split)
+    return _folder(data_dir, split)
+
+
+def _download(name: str, data_dir: Path) -> None:
+    try:
+        if name == "stl10":
+            _DOWNLOADERS[name](str(data_dir), split="train", download=True)
+        else:
+            _DOWNLOADERS[name](str(data_dir), train=True, download=True)
+    except Exception as error:  # noqa: BLE001  (no network, a full disk, ...: one clear line)
+        raise DatasetError(f"could not download {name} into {data_dir}: {error}") from error
+
+
+def _missing(name: str, path: Path, layout: str) -> DatasetError:
+    return DatasetError(
+        f"{name}: {path} is missing; put the dataset under the data folder as {layout} (torchvision's layout), "
+        f"or pass download=True where a network is reachable"
+    )
+
+
+def _split_check(split: str, splits) -> None:
+    if split not in splits:
+        raise ValueError(f"split must be one of {tuple(splits)}, got {split!r}")
+
+
+def _cifar(folder: Path, split: str, name: str, files: dict[str, list[str]], label_key: bytes) -> ImageSet:
+    _split_check(split, files)
+    images, labels = [], []
+    for file_name in files[split]:
+        path = folder / file_name
+        if not path.is_file():
+            raise _missing(name, path, f"{folder.name}/{' '.join(files[split])}")
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="bytes")
+            data = np.asarray(entry[b"data"], dtype=np.uint8)
+            batch_labels = np.asarray(entry[label_key], dtype=np.int64)
+            data = data.reshape(len(batch_labels), 3, 32, 32)
+        except Exception as error:  # noqa: BLE001  (truncated, not a pickle, wrong keys or sizes)
+            raise DatasetError(f"{name}: {path} is not a readable CIFAR batch ({type(error).__name__}: {error}); "
+                               f"replace it with the file from the published archive") from error
+        images.append(torch.from_numpy(data))
+        labels.append(torch.from_numpy(batch_labels))
+    classes = _cifar_classes(folder, name)
+    return ImageSet(torch.cat(images), torch.cat(labels), classes)
+
+
+def _cifar_classes(folder: Path, name: str) -> list[str] | None:
+    meta, key = (folder / "batches.meta", b"label_names") if name == "cifar10" else (folder / "meta", b"fine_label_names")
+    try:
+        with open(meta, "rb") as f:
+            return [c.decode() for c in pickle.load(f, encoding="bytes")[key]]
+    except Exception:  # noqa: BLE001  (the names are a convenience; the images do not need them)
+        return None
+
+
+def _stl10(folder: Path, split: str) -> ImageSet:
+    _split_check(split, ("train", "test", "unlabeled", "train+unlabeled"))
+    parts = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"], "train+unlabeled": ["train", "unlabeled"]}
+    images, labels = [], []
+    for part in parts[split]:
+        x_path = folder / f"{part}_X.bin"
+        if not x_path.is_file():
+            raise _missing("stl10", x_path, "stl10_binary/{train,test,unlabeled}_X.bin and {train,test}_y.bin")
+        raw = np.fromfile(x_path, dtype=np.uint8)
+        if raw.size % (3 * 96 * 96) != 0:
+            raise DatasetError(f"stl10: {x_path} holds {raw.size} bytes, not a whole number of 3×96×96 images; "
+                               f"replace it with the file from the published archive")
+        # Each image is stored channel by channel, column-major: transpose to row-major [N, 3, H, W].
+        data = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        images.append(torch.from_numpy(np.ascontiguousarray(data)))
+        if part == "unlabeled":
+            labels.append(torch.full((len(data),), -1, dtype=torch.int64))
+            continue
+        y_path = folder / f"{part}_y.bin"
+        if not y_path.is_file():
+            raise _missing("stl10", y_path, "stl10_binary/{train,test}_y.bin")
+        y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
+        if len(y) != len(data) or (len(y) and (y.min() < 0 or y.max() > 9)):
+            raise DatasetError(f"stl10: {y_path} does not hold one label 1-10 per image of {x_path.name}")
+        labels.append(torch.from_numpy(y))
+    classes = None
+    names = folder / "class_names.txt"
+    if names.is_file():
+        classes = names.read_text().split()
+    return ImageSet(torch.cat(images), torch.cat(labels), classes)
+
+
+def _folder(root: Path, split: str) -> ImageSet:
+    """``root`` itself (split "train") or ``root/<split>`` when that sub-folder exists."""
+    folder = root / split if (root / split).is_dir() else root
+    if not folder.is_dir():
+        raise DatasetError(f"folder: {folder} is not a directory of images")
+    extensions = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if class_dirs:
+        files, labels = [], []
+        for index, class_dir in enumerate(class_dirs):
+            found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in extensions)
+            files += found
+            labels += [index] * len(found)
+        result = ImageSet(files, torch.tensor(labels, dtype=torch.int64), [p.name for p in class_dirs])
+    else:
+        result = ImageSet(sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions), None, None)
+    if not len(result):
+        raise DatasetError(f"folder: no images ({', '.join(extensions)}) in {folder}")
+    return result
+
+
+def simclr_augmentation(name: str, size: int) -> transforms.Compose:
+    """SimCLR's augmentation for a PIL image of dataset ``name``: random resized crop to ``size`` (scale 0.08
+    to 1), horizontal flip, colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale with p=0.2, Gaussian blur
+    with p=0.5 only from 64 px up (SimCLR leaves it out on CIFAR's 32 px), then the dataset's normalisation."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    steps = [
+        transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+    ]
+    if size >= 64:
+        kernel = 2 * (size // 20) + 1  # about a tenth of the image, odd
+        steps.append(transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    mean, std = _STATISTICS[name]
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """``(view_0, view_1, label)`` per image of an :class:`ImageSet`: two independent draws of ``transform``
+    on the same image (label -1 where there is none)."""
+
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        item = self.images.images[index]
+        if isinstance(item, Path):
+            with Image.open(item) as opened:
+                image = opened.convert("RGB")
+        else:
+            image = Image.fromarray(item.permute(1, 2, 0).numpy())
+        label = -1 if self.images.labels is None else int(self.images.labels[index])
+        return self.transform(image), self.transform(image), label
