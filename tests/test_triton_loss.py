@@ -1,7 +1,7 @@
 """The fused Triton Barlow Twins loss against the float64 transcription of SPEC §1 (``test_functional``).
 
-Without a GPU the kernels run on CPU tensors in Triton's interpreter: ``TRITON_INTERPRET=1`` is set below,
-at collection, before the first Triton call of the process builds the kernels. Every test here runs the
+Without a GPU the kernels run on CPU tensors in Triton's interpreter: ``TRITON_INTERPRET=1`` is set by
+tests/conftest.py before Triton is first imported (and again below, for a run of this file from elsewhere). Every test here runs the
 Triton path itself; the ones that need a GPU say so and skip cleanly without one.
 """
 
