@@ -96,33 +96,8 @@ std::vector<at::Tensor> add_scaled_cpu(at::TensorList tensors, at::TensorList ot
 std::vector<at::Tensor> virtual_sgd_step_cpu(
     at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
     double momentum, double dampening, double weight_decay, bool nesterov) {
-  constexpr const char* op = "virtual_sgd_step";
-  check_tensor_list(op, "params", params);
-  check_pairwise_like(op, "params", params, "grads", grads);
-  check_dense(op, "params", params);
-  check_same_strides(op, "params", params, "grads", grads);
-  TORCH_CHECK_VALUE(
-      buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
-      buffers.size(), " and ", params.size());
-  std::vector<at::Tensor> present;  // the buffers that exist, checked like the params they belong to
-  std::vector<at::Tensor> present_params;
-  std::vector<const at::Tensor*> buffer_of(params.size(), nullptr);
-  for (const auto i : c10::irange(params.size())) {
-    const std::optional<at::Tensor> b = buffers[i];
-    if (b.has_value() && b->defined()) {
-      present.push_back(*b);
-      present_params.push_back(params[i]);
-    }
-  }
-  check_pairwise_like(op, "params", present_params, "buffers", present);
-  check_same_strides(op, "params", present_params, "buffers", present);
-  for (size_t i = 0, k = 0; i < params.size(); ++i) {
-    const std::optional<at::Tensor> b = buffers[i];
-    if (b.has_value() && b->defined()) {
-      buffer_of[i] = &present[k++];
-    }
-  }
-
+  const std::vector<std::optional<at::Tensor>> buffer =
+      check_virtual_sgd_step("virtual_sgd_step", params, grads, buffers);
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
   for (const at::Tensor& p : params) {
@@ -136,11 +111,11 @@ std::vector<at::Tensor> virtual_sgd_step_cpu(
       at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
         for (const auto c : c10::irange(begin, end)) {
           const Chunk& k = chunks[c];
-          const at::Tensor* buffer = buffer_of[k.tensor];
+          const std::optional<at::Tensor>& b = buffer[k.tensor];
           virtual_sgd_chunk(
               loops, outs[k.tensor].data_ptr<scalar_t>() + k.offset,
               params[k.tensor].const_data_ptr<scalar_t>() + k.offset, grads[k.tensor].const_data_ptr<scalar_t>() + k.offset,
-              buffer != nullptr ? buffer->const_data_ptr<scalar_t>() + k.offset : nullptr, k.size, coefficients, stream);
+              b.has_value() ? b->const_data_ptr<scalar_t>() + k.offset : nullptr, k.size, coefficients, stream);
         }
       });
     });

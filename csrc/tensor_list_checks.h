@@ -5,12 +5,14 @@
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <vector>
 
 namespace metamask_fast {
@@ -180,6 +182,40 @@ inline void check_no_cross_overlap(
       }
     }
   }
+}
+
+// The arguments of virtual_sgd_step: dense params, grads laid out like them, and one optional momentum
+// buffer per param, each present one alike its param. Returns the buffers, with an undefined tensor counted
+// as no buffer (nullopt), so that the kernels see only real ones.
+inline std::vector<std::optional<at::Tensor>> check_virtual_sgd_step(
+    const char* op, at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers) {
+  check_tensor_list(op, "params", params);
+  check_pairwise_like(op, "params", params, "grads", grads);
+  check_dense(op, "params", params);
+  check_same_strides(op, "params", params, "grads", grads);
+  TORCH_CHECK_VALUE(
+      buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
+      buffers.size(), " and ", params.size());
+  std::vector<std::optional<at::Tensor>> present(buffers.size());
+  for (const auto i : c10::irange(buffers.size())) {
+    const std::optional<at::Tensor> b = buffers.get(i);
+    if (!b.has_value() || !b->defined()) {
+      continue;
+    }
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_VALUE(
+        b->sizes() == p.sizes(), op, ": buffers[", i, "] must have the shape of params[", i, "], ", p.sizes(),
+        ", got ", b->sizes());
+    TORCH_CHECK_VALUE(
+        b->scalar_type() == p.scalar_type() && b->device() == p.device(), op, ": buffers[", i,
+        "] must have the dtype and device of params[", i, "] (", p.scalar_type(), ", ", p.device(), "), got ",
+        b->scalar_type(), ", ", b->device());
+    TORCH_CHECK_VALUE(
+        same_layout(*b, p), op, ": buffers[", i, "] must have the memory layout (strides) of params[", i, "], ",
+        p.strides(), ", got ", b->strides());
+    present[i] = *b;
+  }
+  return present;
 }
 
 // The arguments of add_scaled_ and add_scaled: dense lists, pairwise alike in shape, dtype, device and layout.

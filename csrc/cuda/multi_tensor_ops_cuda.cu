@@ -304,34 +304,9 @@ void add_scaled_out_cuda(at::TensorList tensors, at::TensorList others, double a
 std::vector<at::Tensor> virtual_sgd_step_cuda(
     at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
     double momentum, double dampening, double weight_decay, bool nesterov) {
-  const char* op = "virtual_sgd_step";
-  check_tensor_list(op, "params", params);
-  check_pairwise_like(op, "params", params, "grads", grads);
-  check_cuda(op, "params", params);
-  check_dense(op, "params", params);
-  check_same_strides(op, "params", params, "grads", grads);
-  TORCH_CHECK_VALUE(
-      buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
-      buffers.size(), " and ", params.size());
-  std::vector<std::optional<at::Tensor>> buffer(buffers.size());
-  for (const auto i : c10::irange(buffers.size())) {
-    buffer[i] = buffers.get(i);
-    if (!buffer[i].has_value() || !buffer[i]->defined()) {
-      buffer[i].reset();  // an undefined tensor counts as no buffer, as in the CPU kernel
-      continue;
-    }
-    const at::Tensor& b = *buffer[i];
-    TORCH_CHECK_VALUE(
-        b.sizes() == params[i].sizes(), op, ": buffers[", i, "] must have the shape of params[", i, "], ",
-        params[i].sizes(), ", got ", b.sizes());
-    TORCH_CHECK_VALUE(
-        b.scalar_type() == params[i].scalar_type() && b.device() == params[i].device(), op, ": buffers[", i,
-        "] must have the dtype and device of params[", i, "] (", params[i].scalar_type(), ", ", params[i].device(),
-        "), got ", b.scalar_type(), ", ", b.device());
-    TORCH_CHECK_VALUE(
-        same_layout(b, params[i]), op, ": buffers[", i, "] must have the memory layout (strides) of params[",
-        i, "], ", params[i].strides(), ", got ", b.strides());
-  }
+  const std::vector<std::optional<at::Tensor>> buffer =
+      check_virtual_sgd_step("virtual_sgd_step", params, grads, buffers);
+  check_cuda("virtual_sgd_step", "params", params);
 
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const bool use_momentum = momentum != 0;
