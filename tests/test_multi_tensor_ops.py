@@ -507,6 +507,8 @@ BAD_COMPILED = [
      "as long as `params`"),
     ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), fresh(shapes=[(3,)]), fresh(shapes=[(2,)]), 0.1, 0.9, 0.0, 0.0,
                                   False), r"buffers\[0\] must have the shape"),
+    ("virtual_sgd_step", lambda: (fresh(shapes=[(3,), (4,)]), fresh(shapes=[(3,), (4,)]), [None, *fresh(shapes=[(5,)])],
+                                  0.1, 0.9, 0.0, 0.0, False), r"buffers\[1\] must have the shape of params\[1\]"),
     ("virtual_sgd_step", lambda: (fresh(shapes=[(3,)]), [torch.randn(6, dtype=torch.float64)[::2]], [None], 0.1, 0.9,
                                   0.0, 0.0, False), r"grads\[0\] must have the memory layout"),
     ("virtual_sgd_step", lambda: ([torch.randn(6, dtype=torch.float64)[::2]], fresh(shapes=[(3,)]), [None], 0.1, 0.9,
