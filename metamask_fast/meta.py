@@ -45,7 +45,7 @@ from metamask_fast import _tangents, ops
 from metamask_fast._checks import check_number
 from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 
-__all__ = ["MetaMaskStep"]
+__all__ = ["MetaMaskStep", "SingleLossStep"]
 
 _SECOND_ORDER = ("finite_difference", "exact", "none")
 _PRECISIONS = ("fp32", "bf16")
@@ -447,6 +447,39 @@ class MetaMaskStep:
         ).tolist()
         keys = ("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm")
         return {**dict(zip(keys, values)), "meta_step": 1.0, **clock.seconds()}
+
+
+class SingleLossStep:
+    """One SGD step on the Barlow Twins loss (``"barlowtwins"``) or NT-Xent alone (``"simclr"``).
+
+    The baselines' counterpart of :class:`~metamask_fast.meta.MetaMaskStep`, with the same ``step(x0, x1)``
+    interface and keys; the loss that is not trained is still reported (computed on detached embeddings).
+    """
+
+    def __init__(self, model: MetaMaskModel, optimizer: torch.optim.Optimizer, *, method: str,
+                 lambd: float, temperature: float):
+        if method not in ("barlowtwins", "simclr"):
+            raise ValueError(f"method must be 'barlowtwins' or 'simclr', got {method!r}")
+        self.model, self.optimizer, self.method = model, optimizer, method
+        self.lambd, self.temperature = lambd, temperature
+
+    def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
+        z_bt0, z_cl0 = self.model(x0)
+        z_bt1, z_cl1 = self.model(x1)
+        if self.method == "barlowtwins":
+            loss = barlow_twins_loss(z_bt0, z_bt1, self.lambd)
+            with torch.no_grad():
+                other = nt_xent_loss(z_cl0.detach(), z_cl1.detach(), self.temperature)
+            loss_bt, loss_cl = loss, other
+        else:
+            loss = nt_xent_loss(z_cl0, z_cl1, self.temperature)
+            with torch.no_grad():
+                other = barlow_twins_loss(z_bt0.detach(), z_bt1.detach(), self.lambd)
+            loss_bt, loss_cl = other, loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "loss_bt": loss_bt.item(), "loss_cl": loss_cl.item()}
 
 
 class _PhaseClock:
