@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torchvision import transforms
 
-__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "simclr_augmentation", "TwoViews"]
+__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "simclr_augmentation", "eval_transform", "pil_image", "TwoViews"]
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 
@@ -203,6 +203,34 @@ def simclr_augmentation(name: str, size: int) -> transforms.Compose:
     return transforms.Compose(steps)
 
 
+def eval_transform(name: str, size: int) -> transforms.Compose:
+    """The evaluation view of a PIL image of dataset ``name``: resized (shorter side) and centre-cropped to
+    ``size`` when it is not already that size, then the dataset's normalisation. No randomness."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    mean, std = _STATISTICS[name]
+    return transforms.Compose([
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def pil_image(images: ImageSet, index: int):
+    """Image ``index`` of ``images`` as an RGB PIL image (read from disk for folders)."""
+    from PIL import Image
+
+    item = images.images[index]
+    if isinstance(item, Path):
+        try:
+            with Image.open(item) as opened:
+                return opened.convert("RGB")
+        except OSError as error:
+            raise DatasetError(f"folder: cannot read image {item}: {error}") from None
+    return Image.fromarray(item.permute(1, 2, 0).numpy())
+
+
 class TwoViews(torch.utils.data.Dataset):
     """``(view_0, view_1, label)`` per image of an :class:`ImageSet`: two independent draws of ``transform``
     on the same image (label -1 where there is none)."""
@@ -214,13 +242,6 @@ class TwoViews(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
-        item = self.images.images[index]
-        if isinstance(item, Path):
-            with Image.open(item) as opened:
-                image = opened.convert("RGB")
-        else:
-            image = Image.fromarray(item.permute(1, 2, 0).numpy())
+        image = pil_image(self.images, index)
         label = -1 if self.images.labels is None else int(self.images.labels[index])
         return self.transform(image), self.transform(image), label

@@ -4,6 +4,11 @@ For a query ``q`` and the training features ``x_j`` with labels ``y_j``, all L2-
 ``s_j = q·x_j`` (cosine similarity); ``N_k(q)`` is the set of the ``k`` largest ``s_j``; every neighbour
 votes for its class with weight ``exp(s_j / T)``, and the prediction is the class with the largest summed
 vote, ``argmax_c Σ_{j∈N_k(q)} exp(s_j / T)·[y_j = c]``. Defaults ``k = 20``, ``T = 0.1``.
+
+The linear probe (:func:`linear_probe`) is the standard offline linear evaluation on frozen features: one
+linear layer trained with cross-entropy on the training set's features, standardised per dimension with the
+training set's mean and standard deviation, and scored by top-1/top-5 accuracy (:func:`topk_accuracy`) on
+the test set.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features"]
+from metamask_fast._checks import check_number
+
+__all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features", "topk_accuracy", "linear_probe"]
 
 # Queries are scored in chunks so that the [queries, train] similarity matrix stays small.
 _QUERY_CHUNK = 1024
@@ -120,3 +127,209 @@ def extract_features(model: nn.Module, images: torch.Tensor, *, batch_size: int 
         return torch.cat([model.features(batch).flatten(1) for batch in images.split(batch_size)])
     finally:
         model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------ linear probe
+
+# The linear probe's default learning rate. The features are standardised and Adam's steps are per
+# coordinate, so it does not depend on the features' scale or dimension. Measured on the digits split with
+# the other defaults (100 epochs, batch 256: about 600 steps), test top-1 on raw 16×16 pixels / on
+# random-init DigitsConvNet features: lr 1e-3 95.6 % / 88.3 % (under-trained), 1e-2 95.6 % / 94.4 %,
+# 3e-2 95.3 % / 94.2 %; scikit-learn's LogisticRegression on the same standardised features 96.1 % / 94.4 %.
+LINEAR_PROBE_LR = 1e-2
+# Rows of logits scored at a time by topk_accuracy, and rows of features classified at a time.
+_ROW_CHUNK = 4096
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Fraction of the rows of ``logits`` (``[N, C]``) whose label is among the ``k`` highest logits, for
+    every ``k`` of ``ks``; returns ``{k: accuracy}`` in the order of ``ks``.
+
+    A ``k`` larger than ``C`` counts as ``C`` (every label is then among the top ``k``). Ties are broken
+    towards the smaller class index, as by ``argmax``: the label's rank is the number of classes with a
+    larger logit plus the number of classes with an equal logit and a smaller index, and the label is
+    among the top ``k`` when its rank is below ``k``. So constant logits score ``min(k, C) / C`` on
+    uniformly spread labels, not 1.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be a non-empty [N, C] tensor, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits contains non-finite values")
+    _check_labels("labels", labels, logits.shape[0])
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    num_classes = logits.shape[1]
+    if labels.max() >= num_classes:
+        raise ValueError(f"labels must be class indices below {num_classes} (the columns of logits), "
+                         f"got {int(labels.max())}")
+    if isinstance(ks, (int, str)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"ks must be a sequence of integers, got {ks!r}")
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of integers >= 1, got {ks!r}")
+
+    columns = torch.arange(num_classes, device=logits.device)
+    ranks = []
+    for chunk, chunk_labels in zip(logits.split(_ROW_CHUNK), labels.split(_ROW_CHUNK)):
+        own = chunk.gather(1, chunk_labels[:, None])
+        ahead = (chunk > own) | ((chunk == own) & (columns < chunk_labels[:, None]))
+        ranks.append(ahead.sum(dim=1))
+    rank = torch.cat(ranks)
+    return {k: (rank < k).double().mean().item() for k in ks}
+
+
+def _check_probe_labels(name: str, labels: object, count: int) -> None:
+    if isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.numel() and (labels == -1).any():
+        raise ValueError(f"{name} contains -1 (unlabeled samples); the linear probe needs class indices >= 0, "
+                         f"so pass only the labeled samples (features[{name} >= 0], {name}[{name} >= 0])")
+    _check_labels(name, labels, count)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Linear evaluation of frozen features: train one ``nn.Linear`` on the training features, score it on
+    the test features.
+
+    Protocol, all in float32 on ``device`` (default: that of ``train_features``):
+
+    1. Standardise: ``x' = (x - μ) / σ`` with ``μ``, ``σ`` the training features' per-dimension mean and
+       (population) standard deviation, computed in float64; a dimension that is constant over the training
+       set keeps ``σ = 1`` (and ``μ`` its value), so it maps to 0. The test features use the same ``μ``, ``σ``.
+    2. Classifier: ``nn.Linear(D, C)`` with ``C = 1 + max`` label of both sets, weight and bias initialised
+       to zero (the problem is convex, so no random initialisation is needed).
+    3. Optimiser: AdamW (betas 0.9/0.999, eps 1e-8) at ``lr`` (default :data:`LINEAR_PROBE_LR`,
+       1e-2), decoupled ``weight_decay`` on the weight only, the learning rate annealed by a cosine from
+       ``lr`` to 0 over all ``epochs × ceil(N / batch_size)`` steps (stepped after every mini-batch). Adam's
+       per-coordinate step sizes make one default work for any feature dimension and set size, where SGD's
+       learning rate would have to be tuned to them.
+    4. Mini-batches: every epoch a fresh permutation of the training set from a ``torch.Generator`` seeded
+       with ``seed`` (on the CPU, whatever the device), cut into batches of ``batch_size`` (the last one may
+       be smaller); loss the mean cross-entropy of the batch.
+    5. Score: top-1 and top-5 accuracy (:func:`topk_accuracy`) of the final classifier on the test set,
+       top-1 accuracy and mean cross-entropy on the training set.
+
+    The result is deterministic: the same inputs and ``seed`` give the same numbers on the same device and
+    thread count. Labels must be int64 class indices; a training label of -1 (an unlabeled sample, as in
+    STL-10's ``train+unlabeled``) raises ``ValueError``: filter those samples out first.
+
+    Returns a dict of plain Python numbers, JSON-ready: ``top1``, ``top5``, ``train_top1``, ``train_loss``,
+    ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``, ``num_classes``, ``num_train``,
+    ``num_test``; plus ``state``, a dict of CPU float32 tensors ``mean`` and ``std`` ([D], the
+    standardisation) and ``weight`` ([C, D]) and ``bias`` ([C]), the classifier, so that
+    ``((x - mean) / std) @ weight.T + bias`` are its logits for new features ``x``.
+    """
+    _check_features("train_features", train_features)
+    _check_features("test_features", test_features)
+    _check_probe_labels("train_labels", train_labels, train_features.shape[0])
+    _check_probe_labels("test_labels", test_labels, test_features.shape[0])
+    if test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(
+            f"test_features has {test_features.shape[1]} dimensions but train_features has {train_features.shape[1]}"
+        )
+    epochs = _check_positive_int("epochs", epochs)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    lr = LINEAR_PROBE_LR if lr is None else check_number("lr", lr, minimum=0.0, strict=True)
+    weight_decay = check_number("weight_decay", weight_decay, minimum=0.0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device) if device is not None else train_features.device
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a valid torch device: {error}") from error
+
+    # Usable from inside torch.no_grad() / torch.inference_mode() (a trainer's evaluation block).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _linear_probe(train_features, train_labels, test_features, test_labels, epochs=epochs,
+                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device)
+
+
+def _linear_probe(train_features, train_labels, test_features, test_labels, *, epochs, batch_size, lr,
+                  weight_decay, seed, device) -> dict:
+    train_x = train_features.detach().to(device, torch.float32)
+    test_x = test_features.detach().to(device, torch.float32)
+    train_y = train_labels.detach().to(device)
+    test_y = test_labels.detach().to(device)
+
+    wide = train_x.double()
+    mean, std = wide.mean(dim=0), wide.std(dim=0, unbiased=False)
+    constant = (train_x == train_x[:1]).all(dim=0)
+    mean = torch.where(constant, train_x[0].double(), mean).float()
+    std = torch.where(constant, torch.ones_like(std), std).float()
+    train_x = (train_x - mean) / std
+    test_x = (test_x - mean) / std
+
+    num_train, dim = train_x.shape
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    classifier = nn.Linear(dim, num_classes, device=device, dtype=torch.float32)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.AdamW(
+        [{"params": [classifier.weight], "weight_decay": weight_decay},
+         {"params": [classifier.bias], "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    )
+    steps_per_epoch = -(-num_train // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+
+    classifier.train()
+    for _ in range(epochs):
+        order = torch.randperm(num_train, generator=generator).to(device)
+        for batch in order.split(batch_size):
+            loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+    classifier.eval()
+    with torch.no_grad():
+        train_logits = torch.cat([classifier(chunk) for chunk in train_x.split(_ROW_CHUNK)])
+        test_logits = torch.cat([classifier(chunk) for chunk in test_x.split(_ROW_CHUNK)])
+        train_loss = F.cross_entropy(train_logits, train_y).item()
+    test_accuracy = topk_accuracy(test_logits, test_y, ks=(1, 5))
+    return {
+        "top1": test_accuracy[1],
+        "top5": test_accuracy[5],
+        "train_top1": topk_accuracy(train_logits, train_y, ks=(1,))[1],
+        "train_loss": train_loss,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "num_classes": num_classes,
+        "num_train": num_train,
+        "num_test": test_x.shape[0],
+        "state": {
+            "mean": mean.cpu(),
+            "std": std.cpu(),
+            "weight": classifier.weight.detach().cpu().clone(),
+            "bias": classifier.bias.detach().cpu().clone(),
+        },
+    }

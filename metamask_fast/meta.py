@@ -29,6 +29,11 @@ BatchNorm running statistics (what evaluation reads) move once per step, with th
 forwards of both views. The authors' code also moves them in step 2, a second forward of the same batch at
 θ_{t+1}; here step 2 puts them back as they were (the only deliberate difference from the authors' step: it
 changes no weight and no mask value, only what an evaluation in eval mode sees).
+
+With ``distributed=True`` (one process per rank, :mod:`metamask_fast.distributed`) every loss of every
+phase is computed on the embeddings gathered from all ranks and every gradient is averaged over the ranks
+before it is used, so that each rank takes the step one process would take on the global batch (with
+BatchNorm converted by :func:`metamask_fast.distributed.convert_sync_batchnorm`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metamask_fast import _tangents, ops
+from metamask_fast import distributed as mmdist
 from metamask_fast._checks import check_number
 from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 
@@ -68,6 +74,23 @@ def _running_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tens
         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
         if buffer is not None
     ]
+
+
+def _check_distributed(distributed: bool) -> None:
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+    if distributed and not mmdist.is_initialized():
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(metamask_fast.distributed.init_from_env under torchrun)"
+        )
+
+
+def _gather_all(embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`metamask_fast.distributed.gather` of every one of ``embeddings`` (``[n, d_i]``, the same n and
+    dtype), in one collective."""
+    widths = [z.shape[1] for z in embeddings]
+    return list(mmdist.gather(torch.cat(embeddings, dim=1)).split(widths, dim=1))
 
 
 def _sub_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,6 +122,15 @@ class MetaMaskStep:
     stay eager. The first steps pay the compilation. ``timings``: add the seconds spent in each
     phase to the returned dict (``time_regular``, ``time_virtual``: steps 2 and the virtual step,
     ``time_outer``: step 3, ``time_second_order``: step 4), synchronising CUDA at each phase's end.
+    ``distributed``: this process is one rank of an initialised ``torch.distributed`` process group and
+    ``x0``, ``x1`` are its slice of the global batch; every loss (all phases) is computed on the embeddings
+    gathered from all ranks (:func:`metamask_fast.distributed.gather`, rank order) and every gradient (θ's
+    in steps 1 and 2, the direct mask gradient and v in step 3, the finite difference's two mask gradients)
+    is averaged over the ranks before it is used, so that every rank takes the single-process step on the
+    global batch (given SyncBatchNorm, :func:`metamask_fast.distributed.convert_sync_batchnorm`, and equal
+    weights on all ranks at the start, :func:`metamask_fast.distributed.broadcast_module`). The returned
+    losses are the global ones. Not with ``second_order="exact"`` (forward-mode differentiation does not
+    go through the collectives).
     """
 
     def __init__(
@@ -117,6 +149,7 @@ class MetaMaskStep:
         channels_last: bool = False,
         compile_backbone: bool = False,
         timings: bool = False,
+        distributed: bool = False,
     ):
         for attr in ("backbone", "bt_head", "cl_head", "mask"):
             if not hasattr(model, attr):
@@ -142,6 +175,12 @@ class MetaMaskStep:
             raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
         if not isinstance(compile_backbone, bool):
             raise TypeError(f"compile_backbone must be a bool, got {type(compile_backbone).__name__}")
+        if distributed and second_order == "exact":
+            raise ValueError(
+                "second_order='exact' is not supported with distributed=True (forward-mode differentiation "
+                "does not go through the collectives); use 'finite_difference' or 'none'"
+            )
+        _check_distributed(distributed)
         if not isinstance(precision, str) or precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
         if precision == "bf16" and model.mask.logits.dtype != torch.float32:
@@ -174,6 +213,7 @@ class MetaMaskStep:
         self.second_order = second_order
         self.fd_radius = float(fd_radius)
         self.meta_interval = meta_interval
+        self.distributed = distributed
         self.timings = timings
         self.precision = precision
         self.channels_last = channels_last
@@ -218,7 +258,7 @@ class MetaMaskStep:
         """``L_cl`` of the contrastive head on both views' ``features`` times ``mask``."""
         state = {**_sub_dict("cl_head", weights), **_sub_dict("cl_head", buffers)}
         z0, z1 = (functional_call(self.model.cl_head, state, (f * mask,), strict=False) for f in features)
-        return nt_xent_loss(self._master(z0), self._master(z1), self.temperature)
+        return nt_xent_loss(*self._global(z0, z1), self.temperature)
 
     def _contrastive_loss_at(self, weights, buffers, x0, x1, *, backbone_grad: bool) -> torch.Tensor:
         """``L_cl(weights, M)`` through the backbone and the contrastive head only."""
@@ -230,7 +270,9 @@ class MetaMaskStep:
         state = self.net_optimizer.state
         virtual = {}
         start = 0
-        for group, names in self._groups:
+        # The optimizer's live groups: load_state_dict replaces the group dicts (and with them lr, momentum…),
+        # so the ones seen at construction may be stale. Their parameters are the same tensors.
+        for group, (_, names) in zip(self.net_optimizer.param_groups, self._groups, strict=True):
             params = group["params"]
             group_grads = grads[start : start + len(params)]
             start += len(params)
@@ -282,6 +324,7 @@ class MetaMaskStep:
         ops.add_scaled_(perturbed, directions, -2 * radius)
         loss_minus = self._contrastive_loss_at(dict(zip(names, perturbed)), buffers, x0, x1, backbone_grad=False)
         (grad_minus,) = torch.autograd.grad(loss_minus, [mask])
+        self._average([grad_plus, grad_minus])
         return (grad_plus - grad_minus) / (2 * radius)
 
     def _exact_hvp(self, v: dict[str, torch.Tensor], x0, x1, records=None) -> torch.Tensor:
@@ -355,6 +398,17 @@ class MetaMaskStep:
         (and report) float32 values; they compute in float32 either way."""
         return z.to(self.model.mask.logits.dtype)
 
+    def _global(self, *embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """The embeddings in the weights' dtype (:meth:`_master`); with ``distributed``, gathered from all
+        ranks (one collective for all of them)."""
+        embeddings = [self._master(z) for z in embeddings]
+        return _gather_all(embeddings) if self.distributed else embeddings
+
+    def _average(self, grads: list[torch.Tensor | None]) -> None:
+        """With ``distributed``, average ``grads`` over the ranks in place."""
+        if self.distributed:
+            mmdist.average_gradients(grads)
+
     def _autocast(self):
         """The forwards' autocast context: bfloat16 for ``precision="bf16"``, none otherwise."""
         if self.precision == "bf16":
@@ -383,10 +437,12 @@ class MetaMaskStep:
         with self._autocast():
             h0, h1 = self._regular_features(x0), self._regular_features(x1)
             z0_bt, z0_cl, z1_bt, z1_cl = model.bt_head(h0), model.cl_head(h0), model.bt_head(h1), model.cl_head(h1)
-            loss_bt = barlow_twins_loss(self._master(z0_bt), self._master(z1_bt), self.lambd)
-            loss_cl = nt_xent_loss(self._master(z0_cl), self._master(z1_cl), self.temperature)
+            z0_bt, z1_bt, z0_cl, z1_cl = self._global(z0_bt, z1_bt, z0_cl, z1_cl)
+            loss_bt = barlow_twins_loss(z0_bt, z1_bt, self.lambd)
+            loss_cl = nt_xent_loss(z0_cl, z1_cl, self.temperature)
             loss = loss_bt + self.weight_cl * loss_cl
         grads = _gradients(loss, params)
+        self._average(grads)
         for p, g in zip(params, grads):
             p.grad = g
         self.net_optimizer.step()
@@ -408,8 +464,9 @@ class MetaMaskStep:
             else:
                 z0 = model.cl_head(self._regular_features(x0))
                 z1 = model.cl_head(self._regular_features(x1))
-            loss_next = nt_xent_loss(self._master(z0), self._master(z1), self.temperature)
+            loss_next = nt_xent_loss(*self._global(z0, z1), self.temperature)
         grads = _gradients(loss_next, params)
+        self._average(grads)
         with torch.no_grad():  # after the backward, which saved the buffers it read
             for buffer, saved in statistics:
                 buffer.copy_(saved)
@@ -422,6 +479,7 @@ class MetaMaskStep:
             loss_virtual = self._contrastive_loss_at(virtual, buffers, x0, x1, backbone_grad=True)
         names = list(virtual)
         direct, *v = torch.autograd.grad(loss_virtual, [mask] + [virtual[n] for n in names], allow_unused=True)
+        self._average([direct, *v])
         mask_grad = direct
         clock.lap("outer")
 
@@ -454,18 +512,29 @@ class SingleLossStep:
 
     The baselines' counterpart of :class:`~metamask_fast.meta.MetaMaskStep`, with the same ``step(x0, x1)``
     interface and keys; the loss that is not trained is still reported (computed on detached embeddings).
+    ``distributed``: as for :class:`~metamask_fast.meta.MetaMaskStep`, both losses are computed on the
+    embeddings gathered from all ranks and the gradients (``.grad`` of the optimizer's parameters) are
+    averaged over the ranks before the optimizer steps.
     """
 
     def __init__(self, model: MetaMaskModel, optimizer: torch.optim.Optimizer, *, method: str,
-                 lambd: float, temperature: float):
+                 lambd: float, temperature: float, distributed: bool = False):
         if method not in ("barlowtwins", "simclr"):
             raise ValueError(f"method must be 'barlowtwins' or 'simclr', got {method!r}")
+        _check_distributed(distributed)
         self.model, self.optimizer, self.method = model, optimizer, method
         self.lambd, self.temperature = lambd, temperature
+        self.distributed = distributed
 
     def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
         z_bt0, z_cl0 = self.model(x0)
         z_bt1, z_cl1 = self.model(x1)
+        if self.distributed:  # one collective; the embeddings of the loss that is not trained carry no gradient
+            trained = self.method == "barlowtwins"
+            z_bt0, z_bt1, z_cl0, z_cl1 = _gather_all([
+                z_bt0 if trained else z_bt0.detach(), z_bt1 if trained else z_bt1.detach(),
+                z_cl0.detach() if trained else z_cl0, z_cl1.detach() if trained else z_cl1,
+            ])
         if self.method == "barlowtwins":
             loss = barlow_twins_loss(z_bt0, z_bt1, self.lambd)
             with torch.no_grad():
@@ -478,6 +547,8 @@ class SingleLossStep:
             loss_bt, loss_cl = other, loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.distributed:
+            mmdist.average_gradients([p.grad for group in self.optimizer.param_groups for p in group["params"]])
         self.optimizer.step()
         return {"loss": loss.item(), "loss_bt": loss_bt.item(), "loss_cl": loss_cl.item()}
 

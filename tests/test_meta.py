@@ -206,3 +206,26 @@ def test_virtual_weights_follow_each_parameter_group():
     assert set(virtual) == {name for name, g in zip(step._names, grads) if g is not None}
     for name, weight in virtual.items():
         torch.testing.assert_close(weight, real_params[name].detach(), rtol=1e-14, atol=1e-15)
+
+
+def test_optimizer_state_loaded_after_the_step_is_built_is_used():
+    """``load_state_dict`` replaces the optimizer's group dicts; the virtual step must read the live ones
+    (a resumed run loads its optimizer after building the step, at a later cosine lr)."""
+    results = []
+    for late_load in (False, True):
+        torch.manual_seed(0)
+        model = MetaMaskModel(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1)),
+                              4, (6, 5), (6, 3)).double()
+        net = [p for n, p in model.named_parameters() if n != "mask.logits"]
+        lr = 0.5 if late_load else 0.01
+        net_optimizer = torch.optim.SGD(net, lr=lr, momentum=0.9)
+        mask_optimizer = torch.optim.SGD([model.mask.logits], lr=0.1)
+        step = MetaMaskStep(model, net_optimizer, mask_optimizer)
+        if late_load:
+            state = net_optimizer.state_dict()
+            state["param_groups"][0]["lr"] = 0.01
+            net_optimizer.load_state_dict(state)
+        x = torch.randn(2, 6, 3, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        step.step(x[0], x[1])
+        results.append(model.mask.logits.detach().clone())
+    assert torch.equal(results[0], results[1])

@@ -1,0 +1,312 @@
+"""The settings of a training run: defaults, YAML presets, command-line overrides and their checks.
+
+Precedence, lowest first: the defaults of :class:`TrainConfig` (the embedded-digits run), a preset or YAML
+file given with ``--config``, then the command-line flags. Every field is a flag (``--batch-size`` for
+``batch_size``) and a YAML key; an unknown key, a value of the wrong type or out of range is a
+:class:`ConfigError` whose message names the flag or the key and the file, and says what is allowed.
+
+Presets ship with the package (``metamask_fast/presets/*.yaml``); ``--config NAME`` picks one of them, any
+other value is read as a path to a YAML file of the same form (a flat mapping of field names to values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "PRESETS_DIR", "preset_names", "load_yaml", "resolve", "check",
+           "RUNTIME_FIELDS", "identity", "describe", "to_yaml"]
+
+PRESETS_DIR = Path(__file__).with_name("presets")
+
+METHODS = ("metamask", "barlowtwins", "simclr")
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder")
+BACKBONES = ("digits_convnet", "resnet18", "resnet34", "resnet50")
+SECOND_ORDER_MODES = ("finite_difference", "exact", "none")
+PRECISIONS = ("fp32", "bf16")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Bad input ends a command with exit code 2 and one line on stderr: no usage dump, no traceback."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class ConfigError(ValueError):
+    """A bad setting; ``str()`` is the one line the command prints (it starts with the flag or the key)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run. ``None`` means "chosen from the other settings" (see :func:`resolve`)."""
+
+    # data
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    image_size: int | None = None
+    workers: int | None = None
+    # model
+    backbone: str | None = None
+    bt_dims: tuple[int, ...] | None = None
+    cl_dims: tuple[int, ...] | None = None
+    sync_bn: bool = False
+    # objective and meta step
+    method: str = "metamask"
+    weight_cl: float = 10.0
+    lambd: float = 5e-3
+    temperature: float = 0.07
+    second_order: str = "finite_difference"
+    fd_radius: float = 1e-2
+    meta_interval: int = 1
+    # optimisation (SGD with momentum for the network and the mask, cosine annealing per epoch)
+    epochs: int = 50
+    batch_size: int = 128
+    # The Barlow Twins gradient is large on the digits net (the loss starts near 300 for 512 dimensions):
+    # larger rates pushed kNN accuracy below the random network's (sweep in metamask_fast/train.py).
+    lr: float = 3e-5
+    mask_lr: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    precision: str = "fp32"
+    channels_last: bool = False
+    # run
+    seed: int = 0
+    device: str | None = None
+    output_dir: str | None = None
+    checkpoint_every: int = 500
+    knn_every: int = 10
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    log_every: int = 50
+    progress: bool = True
+
+
+# Settings that change how a run executes, not what it computes: a run may resume with other values.
+RUNTIME_FIELDS = ("data_dir", "download", "workers", "device", "output_dir", "checkpoint_every", "knn_every",
+                  "log_every", "progress")
+
+# The SPEC §1 heads for the ResNets; the digits net's 64-d features get the authors' shapes scaled down.
+_HEADS = {"digits_convnet": ((512, 512, 512), (256, 128))}
+_SPEC_HEADS = ((2048, 2048, 2048), (2048, 256))
+_NATIVE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "stl10": 96, "folder": 64}
+
+
+def _number(kind: type, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None,
+            optional: bool = False) -> Callable[[Any], Any]:
+    def convert(value):
+        if value is None and optional:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            if optional and text.lower() in ("auto", "null", "none"):
+                return None
+            try:
+                value = kind(text)
+            except ValueError:
+                raise ValueError(f"must be {_describe_number(kind, minimum, strict, maximum)}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise ValueError(f"must be {_describe_number(kind, minimum, strict, maximum)}, got {value!r}")
+        value = kind(value)
+        bad = not math.isfinite(value) or (minimum is not None and (value <= minimum if strict else value < minimum))
+        if bad or (maximum is not None and value > maximum):
+            raise ValueError(f"must be {_describe_number(kind, minimum, strict, maximum)}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _describe_number(kind, minimum, strict, maximum) -> str:
+    noun = "an integer" if kind is int else "a finite number"
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>' if strict else '>='} {minimum:g}")
+    if maximum is not None:
+        parts.append(f"<= {maximum:g}")
+    return noun + (" " + " and ".join(parts) if parts else "")
+
+
+def _choice(options: tuple[str, ...], *, optional: bool = False) -> Callable[[Any], Any]:
+    def convert(value):
+        if value is None and optional:
+            return None
+        if optional and isinstance(value, str) and value.lower() == "auto":
+            return None
+        if not isinstance(value, str) or value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}{' or auto' if optional else ''}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _boolean(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.lower() in ("true", "yes", "1", "on")
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _text(*, optional: bool = False) -> Callable[[Any], Any]:
+    def convert(value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise ValueError(f"must be a non-empty string, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+def _dims(value):
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"must be a list of positive integers (e.g. 2048,2048,2048) or auto, got {value!r}")
+    try:
+        dims = tuple(_number(int, minimum=1)(item) for item in items)
+    except ValueError:
+        raise ValueError(f"must be a list of positive integers (e.g. 2048,2048,2048) or auto, got {value!r}") from None
+    return dims
+
+
+# Per field: the converter that checks a value from YAML or the command line, and the flag's help.
+FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "dataset": (_choice(DATASETS), "digits (embedded, the default), cifar10, cifar100, stl10 or folder"),
+    "data_dir": (_text(), "folder holding the dataset in torchvision's layout (folder: the image folder)"),
+    "download": (_boolean, "let torchvision download CIFAR/STL-10 into --data-dir (needs a network)"),
+    "image_size": (_number(int, minimum=8, optional=True),
+                   "training image size; auto: 16 digits, 32 CIFAR, 96 STL-10, 64 folders"),
+    "workers": (_number(int, minimum=0, optional=True),
+                "data-loading processes (image datasets); auto: min(8, CPU cores)"),
+    "backbone": (_choice(BACKBONES, optional=True), "auto: digits_convnet for digits, resnet18 otherwise"),
+    "bt_dims": (_dims, "Barlow Twins head widths; auto: 2048,2048,2048 (512,512,512 on the digits net)"),
+    "cl_dims": (_dims, "contrastive head widths; auto: 2048,256 (256,128 on the digits net)"),
+    "sync_bn": (_boolean, "with several processes, BatchNorm statistics over all of them"),
+    "method": (_choice(METHODS), "metamask, or a baseline on one loss with the mask fixed at 1: barlowtwins, simclr"),
+    "weight_cl": (_number(float, minimum=0), "weight of the contrastive loss"),
+    "lambd": (_number(float, minimum=0), "Barlow Twins off-diagonal weight"),
+    "temperature": (_number(float, minimum=0, strict=True), "NT-Xent temperature"),
+    "second_order": (_choice(SECOND_ORDER_MODES), "the mask's meta-gradient: finite_difference (the authors'), "
+                                                  "exact or none (first order)"),
+    "fd_radius": (_number(float, minimum=0, strict=True), "radius r of the finite difference"),
+    "meta_interval": (_number(int, minimum=1), "the mask's meta step on every k-th step"),
+    "epochs": (_number(int, minimum=1), "training epochs"),
+    "batch_size": (_number(int, minimum=2), "images per step over all processes (the last incomplete batch of "
+                                            "an epoch is dropped)"),
+    "lr": (_number(float, minimum=0, strict=True), "SGD learning rate of the network (cosine per epoch)"),
+    "mask_lr": (_number(float, minimum=0, strict=True), "SGD learning rate of the mask (metamask only)"),
+    "momentum": (_number(float, minimum=0, maximum=1), "SGD momentum of both optimizers"),
+    "weight_decay": (_number(float, minimum=0), "SGD weight decay of both optimizers"),
+    "precision": (_choice(PRECISIONS), "fp32, or bf16 autocast for the forwards (losses and weights in fp32)"),
+    "channels_last": (_boolean, "channels_last memory format for the backbone (faster convolutions on GPUs)"),
+    "seed": (_number(int, minimum=0), "seed of the weights, the data order and the augmentations"),
+    "device": (_text(optional=True), "cpu, cuda or cuda:N; auto: cuda when available (torchrun: cuda:LOCAL_RANK)"),
+    "output_dir": (_text(optional=True), "run folder; auto: runs/<dataset>-<method>-<hash of the settings>. "
+                                         "Re-running the same command resumes the run in it"),
+    "checkpoint_every": (_number(int, minimum=1), "steps between checkpoints (also at every epoch's end)"),
+    "knn_every": (_number(int, minimum=1), "epochs between kNN evaluations (also after the last epoch)"),
+    "knn_k": (_number(int, minimum=1), "neighbours of the kNN monitor"),
+    "knn_temperature": (_number(float, minimum=0, strict=True), "temperature of the kNN monitor's weights"),
+    "log_every": (_number(int, minimum=1), "steps between progress lines when stderr is not a terminal"),
+    "progress": (_boolean, "progress bar (or lines) on stderr"),
+}
+assert set(FIELD_SPECS) == {f.name for f in fields(TrainConfig)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_yaml(source: str) -> tuple[dict[str, Any], str]:
+    """The checked mapping of preset ``source`` (a name of :func:`preset_names` or a path) and its label."""
+    path = PRESETS_DIR / f"{source}.yaml" if source in preset_names() else Path(source)
+    label = f"preset {source!r}" if path.parent == PRESETS_DIR else str(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"argument --config: {source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"argument --config: cannot read {label}: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"argument --config: {label} must be a mapping of settings, got {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        if key not in FIELD_SPECS:
+            raise ConfigError(f"key {key!r} in {label}: not a setting (known: {', '.join(FIELD_SPECS)})")
+        values[key] = _convert(key, value, f"key {key!r} in {label}")
+    return values, label
+
+
+def _convert(name: str, value: Any, where: str) -> Any:
+    try:
+        return FIELD_SPECS[name][0](value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def from_strings(values: dict[str, Any], where: Callable[[str], str] = lambda name: f"argument {flag(name)}"):
+    """Converted values (from the command line), each error naming its flag."""
+    return {name: _convert(name, value, where(name)) for name, value in values.items()}
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """``config`` with every ``None`` that has a natural value filled in (device and output folder are left
+    to the trainer, which knows the machine)."""
+    backbone = config.backbone or ("digits_convnet" if config.dataset == "digits" else "resnet18")
+    bt_dims, cl_dims = _HEADS.get(backbone, _SPEC_HEADS)
+    return dataclasses.replace(
+        config,
+        backbone=backbone,
+        bt_dims=config.bt_dims or bt_dims,
+        cl_dims=config.cl_dims or cl_dims,
+        image_size=config.image_size or _NATIVE_SIZE[config.dataset],
+        workers=min(8, os.cpu_count() or 1) if config.workers is None else config.workers,
+    )
+
+
+def check(config: TrainConfig, where: Callable[[str], str]) -> None:
+    """Checks between settings (each value alone was checked on the way in)."""
+    if config.backbone == "digits_convnet" and config.dataset != "digits":
+        raise ConfigError(f"{where('backbone')}: digits_convnet is for the 16x16 digits; use resnet18 or resnet50 "
+                          f"for {config.dataset}")
+    if config.dataset == "digits" and config.image_size not in (None, 16):
+        raise ConfigError(f"{where('image_size')}: the digits are 16x16, got {config.image_size}")
+
+
+def identity(config: TrainConfig) -> dict[str, Any]:
+    """The settings that define what a run computes (everything but :data:`RUNTIME_FIELDS`), as JSON types."""
+    values = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {key: value for key, value in values.items() if key not in RUNTIME_FIELDS}
+
+
+def describe(config: TrainConfig) -> str:
+    """A short hash of :func:`identity`, for default run-folder names."""
+    digest = hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()
+    return digest[:8]
+
+
+def to_yaml(config: TrainConfig) -> str:
+    values = dataclasses.asdict(config)
+    values = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+    return yaml.safe_dump(values, sort_keys=False)

@@ -1,0 +1,167 @@
+"""Training batches that a run can resume at any step, on one process or many.
+
+Every random choice of the input pipeline is a function of ``(seed, epoch, …)`` alone, never of a generator
+that has run for a while: epoch ``e``'s order is ``randperm`` under the seed ``mix(seed, e)``; on image
+datasets each sample's two views are drawn under ``mix(seed, e, index)`` (inside the loading worker, so the
+result does not depend on how many workers there are); on the digits each batch's views are drawn under
+``mix(seed, e, batch)``. So step ``k`` of epoch ``e`` gets the same images and augmentations whether the run
+got there in one go or was stopped and resumed, and with ``world_size`` processes each one takes its
+``1/world_size`` slice of the same global batch, in rank order: the global batch, and so the losses
+computed on the gathered embeddings, equal those of one process.
+
+Each epoch is ``num_samples // batch_size`` full batches; the incomplete last one is dropped (equal
+batches keep BatchNorm and the Barlow Twins statistics comparable from step to step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import torch
+
+from metamask_fast.data import DigitAugmentation, DigitsSplit
+from metamask_fast.datasets import ImageSet, eval_transform, pil_image, simclr_augmentation
+
+__all__ = ["mix", "epoch_order", "EpochBatchSampler", "SeededTwoViews", "LabeledImages", "DigitsBatches",
+           "ImageBatches"]
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from integers (a hash, so nearby inputs give unrelated seeds)."""
+    digest = hashlib.blake2b(",".join(str(int(v)) for v in values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(mix(seed, epoch))
+    return torch.randperm(num_samples, generator=generator)
+
+
+class EpochBatchSampler:
+    """Batches of ``(epoch, index)`` pairs for :class:`SeededTwoViews`: this rank's slice of each global
+    batch of epoch :attr:`epoch`, from batch :attr:`start` on. Set both before iterating (the sampler runs in
+    the main process, so persistent workers see the change)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_order(self.num_samples, self.seed, self.epoch)
+        local = self.batch_size // self.world_size
+        for batch in range(self.start, self.batches_per_epoch):
+            first = batch * self.batch_size + self.rank * local
+            yield [(self.epoch, int(i)) for i in order[first:first + local]]
+
+
+class SeededTwoViews(torch.utils.data.Dataset):
+    """Two augmented views of image ``index``, drawn under the seed ``mix(seed, epoch, index)`` for the key
+    ``(epoch, index)``. The process's own random state is left as it was."""
+
+    def __init__(self, images: ImageSet, transform, seed: int):
+        self.images, self.transform, self.seed = images, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        image = pil_image(self.images, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(self.seed, epoch, index))
+            return self.transform(image), self.transform(image)
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """``(image, label)`` through the deterministic evaluation transform; label -1 where there is none."""
+
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        label = -1 if self.images.labels is None else int(self.images.labels[index])
+        return self.transform(pil_image(self.images, index)), label
+
+
+class DigitsBatches:
+    """The digits' training batches, augmented on the device a whole batch at a time."""
+
+    def __init__(self, split: DigitsSplit, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world_size}")
+        self.images = split.train_images.to(device)
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.rank, self.world_size = rank, world_size
+        self.augment = DigitAugmentation()
+
+    @property
+    def num_samples(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(self.num_samples, self.seed, epoch).to(self.device)
+        local = self.batch_size // self.world_size
+        for batch in range(start, self.batches_per_epoch):
+            # Both views of the whole global batch, then this rank's rows: the same numbers on any number
+            # of processes.
+            images = self.images[order[batch * self.batch_size:(batch + 1) * self.batch_size]]
+            generator = torch.Generator(device=self.device).manual_seed(mix(self.seed, epoch, batch))
+            views = self.augment(images, generator), self.augment(images, generator)
+            rows = slice(self.rank * local, (self.rank + 1) * local)
+            yield views[0][rows], views[1][rows]
+
+
+class ImageBatches:
+    """An image dataset's training batches through a :class:`torch.utils.data.DataLoader` (worker
+    processes that stay alive between epochs, pinned memory on CUDA, copies that overlap the step)."""
+
+    def __init__(self, name: str, images: ImageSet, size: int, batch_size: int, seed: int, device: torch.device,
+                 workers: int, rank: int = 0, world_size: int = 1):
+        self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(
+            SeededTwoViews(images, simclr_augmentation(name, size), seed),
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch, self.sampler.start = epoch, start
+        for x0, x1 in self.loader:
+            yield x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
+
+
+def evaluation_loader(name: str, images: ImageSet, size: int, workers: int, batch_size: int = 256):
+    """Batches of ``(images, labels)`` of a split in the evaluation transform, in the split's order."""
+    return torch.utils.data.DataLoader(LabeledImages(images, eval_transform(name, size)), batch_size=batch_size,
+                                       num_workers=workers)

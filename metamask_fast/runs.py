@@ -1,0 +1,94 @@
+"""A finished (or checkpointed) run folder as the evaluation commands see it: its settings, the trained
+backbone with its mask, and the frozen, masked features of a dataset split.
+
+Shared by ``python -m metamask_fast.linear`` and ``python -m metamask_fast.embed``. Errors are
+:class:`~metamask_fast.config.ConfigError` whose message starts with the argument to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from metamask_fast import config as cfg
+from metamask_fast.config import ConfigError, TrainConfig
+from metamask_fast.data import load_digits_split
+from metamask_fast.datasets import DatasetError, load_images
+from metamask_fast.models import MetaMaskModel
+
+__all__ = ["load_run", "split_features", "resolve_device"]
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"argument --device: must be cpu, cuda or cuda:N, got {requested!r}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"argument --device: {requested!r} is not available on this machine")
+    return device
+
+
+def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, MetaMaskModel]:
+    """The settings (``config.yaml``) and the trained network (``backbone.pt``, ``mask.pt``) of a run
+    folder, in evaluation mode on ``device``. The heads are not needed for evaluation and stay untrained."""
+    from metamask_fast.train import build_model  # the trainer's model, built from the same settings
+
+    folder = Path(run_dir)
+    for name in ("config.yaml", "backbone.pt", "mask.pt"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"argument --run: {str(folder)!r} has no {name}; pass the folder of a finished "
+                              "python -m metamask_fast.train run")
+    try:
+        values = yaml.safe_load((folder / "config.yaml").read_text())
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+        config = cfg.resolve(TrainConfig(**values))
+    except (yaml.YAMLError, TypeError, AttributeError, ValueError) as error:
+        raise ConfigError(f"argument --run: {folder / 'config.yaml'} is not a run's config ({error})") from None
+    model = build_model(config)
+    try:
+        model.backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True))
+        model.mask.load_state_dict(torch.load(folder / "mask.pt", map_location="cpu", weights_only=True))
+    except Exception as error:  # noqa: BLE001 - any unreadable or mismatched file gets the same answer
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"argument --run: cannot load the weights in {folder} ({detail[:200]})") from None
+    return config, model.to(device).eval()
+
+
+@torch.no_grad()
+def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device: torch.device, *,
+                   data_dir: str | None = None, workers: int = 2,
+                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """``model.features`` (masked backbone features, float32, CPU) of every image of ``split`` in the
+    deterministic evaluation transform, their labels (None without labels; -1 for unlabelled images) and
+    names (file paths relative to the data folder for image folders, ``<split>/<index>`` otherwise)."""
+    model.eval()
+    if config.dataset == "digits":
+        if split not in ("train", "test"):
+            raise ConfigError(f"argument --split: the digits have the splits train and test, got {split!r}")
+        digits = load_digits_split()
+        images, labels = (digits.train_images, digits.train_labels) if split == "train" else (
+            digits.test_images, digits.test_labels)
+        features = torch.cat([model.features(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
+        return features, labels, [f"{split}/{i}" for i in range(len(labels))]
+    from metamask_fast.pipeline import evaluation_loader
+
+    root = data_dir or config.data_dir
+    try:
+        images = load_images(config.dataset, root, split)
+    except DatasetError as error:
+        raise ConfigError(f"argument --data-dir: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"argument --split: {error}") from None
+    loader = evaluation_loader(config.dataset, images, config.image_size, workers, batch_size)
+    features = torch.cat([model.features(batch.to(device)).float().cpu() for batch, _ in loader])
+    if isinstance(images.images, list):
+        base = Path(root)
+        names = [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in images.images]
+    else:
+        names = [f"{split}/{i}" for i in range(len(images))]
+    return features, images.labels, names

@@ -1,0 +1,349 @@
+"""Real runs of ``python -m metamask_fast.train``: presets and config files, resuming, real dataset formats
+on disk, plots, and torchrun with two processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from metamask_fast import config as cfg
+from metamask_fast import pipeline
+from metamask_fast import train as train_module
+from metamask_fast.datasets import load_images, simclr_augmentation
+from metamask_fast.meta import MetaMaskStep
+from metamask_fast.train import main, parse_config
+
+FAST = ["--no-progress", "--batch-size", "256", "--checkpoint-every", "3", "--knn-every", "1"]
+
+
+def one_line_error(capsys, code: int, needle: str) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    assert captured.err.startswith("metamask_fast.train: error: ") and needle in captured.err, captured.err
+    return captured.err
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_authors_preset_is_the_papers_recipe_and_flags_override_it():
+    config, _, _ = parse_config(["--config", "cifar10-authors"])
+    assert (config.dataset, config.backbone, config.batch_size, config.epochs) == ("cifar10", "resnet18", 512, 800)
+    assert (config.lr, config.mask_lr, config.momentum, config.weight_decay) == (1e-3, 1e-3, 0.9, 5e-4)
+    assert (config.bt_dims, config.cl_dims, config.second_order) == ((2048,) * 3, (2048, 256), "finite_difference")
+    assert (config.knn_k, config.knn_temperature) == (200, 0.1)
+    config, _, _ = parse_config(["--config", "cifar10-authors", "--epochs", "3", "--lr", "0.01"])
+    assert (config.epochs, config.lr, config.batch_size) == (3, 0.01, 512)
+
+
+@pytest.mark.parametrize("preset", cfg.preset_names())
+def test_every_preset_loads_and_names_only_settings(preset):
+    values, _ = cfg.load_yaml(preset)
+    assert values and set(values) <= set(cfg.FIELD_SPECS)
+    config, _, _ = parse_config(["--config", preset])
+    assert cfg.resolve(config).backbone is not None
+
+
+def test_every_setting_is_a_flag_and_a_yaml_key(tmp_path):
+    # A YAML file holding every field (as the run folder's config.yaml does) reproduces the config exactly.
+    original = cfg.resolve(dataclasses.replace(cfg.TrainConfig(), lr=0.125, bt_dims=(7, 9), sync_bn=True,
+                                               device="cpu", output_dir="somewhere"))
+    path = tmp_path / "all.yaml"
+    path.write_text(cfg.to_yaml(original))
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(cfg.TrainConfig)}
+    config, _, _ = parse_config(["--config", str(path)])
+    assert config == original
+    help_text = train_module.build_parser().format_help()
+    for field in dataclasses.fields(cfg.TrainConfig):
+        assert cfg.flag(field.name) in help_text, field.name
+
+
+def test_every_setting_is_consumed():
+    """Each field is read (``config.<name>``) by the code that runs a training, so none is silently
+    ignored. (The config module itself, where every field is checked, does not count.)"""
+    source = "".join(inspect.getsource(module) for module in (train_module, pipeline))
+    unused = [f.name for f in dataclasses.fields(cfg.TrainConfig) if f"config.{f.name}" not in source]
+    assert unused == []
+
+
+BAD_CONFIGS = {
+    "unknown-key": ("epochs: 3\nlearning_rate: 0.1\n", "key 'learning_rate' in {path}: not a setting"),
+    "bad-value": ("lr: -1\n", "key 'lr' in {path}: must be a finite number > 0"),
+    "bad-type": ("epochs: [1, 2]\n", "key 'epochs' in {path}: must be an integer"),
+    "not-a-mapping": ("- 1\n- 2\n", "argument --config: {path} must be a mapping"),
+    "bad-yaml": ("epochs: [1\n", "argument --config: cannot read {path}"),
+    "bad-choice": ("dataset: imagenet\n", "key 'dataset' in {path}: must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_files_exit_2_with_one_line_and_create_nothing(tmp_path, capsys, case):
+    text, message = BAD_CONFIGS[case]
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    code = main(["--config", str(path), "--output-dir", str(tmp_path / "run")])
+    one_line_error(capsys, code, message.format(path=path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset_and_missing_dataset_exit_2(tmp_path, capsys):
+    one_line_error(capsys, main(["--config", "imagenet-best", "--output-dir", str(tmp_path / "a")]),
+                   "argument --config: 'imagenet-best' is neither a preset (cifar10-authors")
+    code = main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "b")])
+    one_line_error(capsys, code, "argument --data-dir: cifar10: ")
+    code = main(["--dataset", "cifar10", "--backbone", "digits_convnet", "--output-dir", str(tmp_path / "c")])
+    one_line_error(capsys, code, "argument --backbone: digits_convnet is for the 16x16 digits")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def state(folder: Path) -> dict:
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    return {key: checkpoint[key] for key in ("model", "net_optimizer", "mask_optimizer", "schedulers", "step",
+                                            "step_count", "best")}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    assert spec_a == spec_b
+    for x, y in zip(flat_a, flat_b):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)  # bitwise
+        else:
+            assert x == y
+
+
+def comparable_records(folder: Path) -> list[dict]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs") / "whole"
+    assert main([*FAST, "--epochs", "2", "--meta-interval", "2", "--output-dir", str(folder)]) == 0
+    return folder
+
+
+def interrupt_at(monkeypatch, calls: int, signum=signal.SIGTERM) -> None:
+    """Deliver ``signum`` to this process during the ``calls``-th training step."""
+    original, seen = MetaMaskStep.step, []
+
+    def step(self, x0, x1):
+        seen.append(1)
+        if len(seen) == calls:
+            os.kill(os.getpid(), signum)
+        return original(self, x0, x1)
+
+    monkeypatch.setattr(MetaMaskStep, "step", step)
+
+
+@pytest.mark.parametrize("stop_step", [4, 5])  # mid-epoch (after the checkpoint of step 3) and at an epoch's end
+def test_interrupted_run_resumes_to_bitwise_the_same_weights(tmp_path, monkeypatch, capsys, uninterrupted, stop_step):
+    folder = tmp_path / "run"
+    argv = [*FAST, "--epochs", "2", "--meta-interval", "2", "--output-dir", str(folder)]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stop_step)
+        assert main(argv) == 128 + signal.SIGTERM
+    error = capsys.readouterr().err
+    assert f"stopped by SIGTERM after step {stop_step}; checkpoint written" in error
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["step"] == stop_step
+    assert not (folder / "backbone.pt").exists()
+    assert main(argv) == 0  # the same command resumes
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_state(state(folder), state(uninterrupted))
+    for name in ("backbone.pt", "mask.pt"):
+        assert_same_state(torch.load(folder / name, weights_only=True), torch.load(uninterrupted / name, weights_only=True))
+    assert comparable_records(folder) == comparable_records(uninterrupted)
+
+
+def test_resume_flag_continues_into_a_new_folder(tmp_path, monkeypatch, uninterrupted):
+    first = tmp_path / "first"
+    argv = [*FAST, "--epochs", "2", "--meta-interval", "2"]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 7)
+        assert main([*argv, "--output-dir", str(first)]) == 128 + signal.SIGTERM
+    before = files(first)
+    assert main([*argv, "--resume", str(first / "checkpoint.pt"), "--output-dir", str(tmp_path / "second")]) == 0
+    assert_same_state(state(tmp_path / "second"), state(uninterrupted))
+    assert comparable_records(tmp_path / "second") == comparable_records(uninterrupted)
+    assert files(first) == before  # the source run is left as it was
+
+
+def test_finished_run_is_not_rerun_and_other_settings_are_refused(uninterrupted, capsys):
+    before = files(uninterrupted)
+    argv = [*FAST, "--epochs", "2", "--meta-interval", "2", "--output-dir", str(uninterrupted)]
+    assert main(argv) == 0
+    assert "already finished" in capsys.readouterr().out
+    code = main([*argv, "--lr", "0.001"])
+    one_line_error(capsys, code, "argument --output-dir: ")
+    code = main([*argv[:-2], "--resume", str(uninterrupted), "--lr", "0.001", "--output-dir",
+                 str(uninterrupted.parent / "other")])
+    err = one_line_error(capsys, code, "argument --resume: ")
+    assert "lr: 3e-05 there, 0.001 now" in err
+    assert files(uninterrupted) == before
+    assert not (uninterrupted.parent / "other").exists()
+
+
+def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    one_line_error(capsys, main([*FAST, "--output-dir", str(folder)]), "cannot read checkpoint")
+    assert (folder / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_default_run_folder_is_named_by_the_settings_and_reruns_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [*FAST, "--epochs", "1", "--method", "barlowtwins"]
+    assert main(argv) == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    config, _, _ = parse_config(argv)
+    assert folder.name == f"digits-barlowtwins-{cfg.describe(cfg.resolve(config))}"
+    assert main(argv) == 0 and "already finished" in capsys.readouterr().out
+    assert main([*argv, "--seed", "1"]) == 0
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # other settings, another folder
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def write_cifar(root: Path, name: str, train: int, test: int, rng) -> None:
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    key = b"labels" if name == "cifar10" else b"fine_labels"
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]} if name == "cifar10" else {
+        "train": ["train"], "test": ["test"]}
+    for split, count in (("train", train), ("test", test)):
+        per_file = count // len(files[split])
+        for file_name in files[split]:
+            images = rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8)
+            (folder / file_name).write_bytes(pickle.dumps({b"data": images, key: rng.integers(0, 3, per_file).tolist()}))
+
+
+def write_stl10(root: Path, rng) -> None:
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    for part, count in (("train", 12), ("test", 10), ("unlabeled", 8)):
+        rng.integers(0, 256, (count, 3, 96, 96), dtype=np.uint8).tofile(folder / f"{part}_X.bin")
+        if part != "unlabeled":
+            rng.integers(1, 4, count, dtype=np.uint8).tofile(folder / f"{part}_y.bin")
+
+
+def write_folder(root: Path, rng) -> None:
+    for split, count in (("train", 6), ("test", 4)):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (int(rng.integers(20, 40)), int(rng.integers(20, 40)), 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+
+
+def is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "stl10", "folder"])
+def test_one_epoch_on_each_real_format(tmp_path, dataset):
+    rng = np.random.default_rng(abs(hash(dataset)) % 2**32)
+    data_dir = tmp_path / "data"
+    if dataset.startswith("cifar"):
+        write_cifar(data_dir, dataset, 20, 10, rng)
+    elif dataset == "stl10":
+        write_stl10(data_dir, rng)
+    else:
+        write_folder(data_dir, rng)
+    folder = tmp_path / "run"
+    argv = ["--dataset", dataset, "--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8",
+            "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "32,32", "--cl-dims", "32,16",
+            "--knn-k", "3", "--no-progress", "--output-dir", str(folder),
+            "--workers", "2" if dataset == "folder" else "0"]
+    assert main(argv) == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["dataset"] == dataset and summary["steps"] == summary["train_images"] // 8
+    assert 0.0 <= summary["knn_k3_t0.1_top1_last"] <= 1.0
+    for name in ("loss.png", "knn.png", "mask.png", "correlation.png"):
+        assert is_png(folder / name), name
+    backbone = torch.load(folder / "backbone.pt", weights_only=True)
+    assert backbone["conv1.weight"].shape == (64, 3, 3, 3)  # the CIFAR stem
+
+
+def test_two_views_depend_only_on_seed_epoch_and_index(tmp_path):
+    rng = np.random.default_rng(0)
+    write_cifar(tmp_path, "cifar10", 10, 5, rng)
+    images = load_images("cifar10", tmp_path, "train")
+    views = pipeline.SeededTwoViews(images, simclr_augmentation("cifar10", 32), seed=3)
+    torch.manual_seed(123)
+    a = views[(2, 7)]
+    state_before = torch.get_rng_state()
+    torch.manual_seed(999)
+    b = views[(2, 7)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], a[1])
+    assert not torch.equal(views[(3, 7)][0], a[0])
+    torch.manual_seed(123)
+    views[(2, 7)]
+    assert torch.equal(torch.get_rng_state(), state_before)  # the caller's random state is left alone
+
+
+def test_ranks_take_their_slice_of_the_same_global_batch():
+    whole = list(pipeline.EpochBatchSampler(50, 12, seed=5))
+    halves = [list(pipeline.EpochBatchSampler(50, 12, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert len(whole) == 4
+    for batch, (first, second) in zip(whole, zip(*halves)):
+        assert batch == first + second
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2`` (gloo, CPU, SyncBN) trains the same weights as one process on the
+    same global batches, to float32 rounding. (Exact parity, in float64, is tests/test_distributed.py's;
+    here the whole command runs. First order: the finite difference divides float32 noise by 2R.)"""
+    common = ["--epochs", "1", "--batch-size", "512", "--sync-bn", "--no-progress", "--knn-every", "1",
+              "--second-order", "none"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=environment, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=environment, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert b["step"] == a["step"] == 1437 // 512
+    names = [name for name, value in a["model"].items() if value.is_floating_point()]
+    flat_a = torch.cat([a["model"][name].flatten() for name in names])
+    flat_b = torch.cat([b["model"][name].flatten() for name in names])
+    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < 1e-4
+    assert torch.equal(a["model"]["backbone.layers.1.num_batches_tracked"], b["model"]["backbone.layers.1.num_batches_tracked"])
+    record_a, record_b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
+    for key in ("loss", "loss_bt", "loss_cl"):
+        assert record_b[key] == pytest.approx(record_a[key], rel=1e-4), key
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # Only rank 0 writes: one set of files.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
