@@ -105,9 +105,14 @@ def test_unknown_preset_and_missing_dataset_exit_2(tmp_path, capsys):
                    "argument --config: 'imagenet-best' is neither a preset (cifar10-authors")
     code = main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "b")])
     one_line_error(capsys, code, "argument --data-dir: cifar10: ")
+    write_cifar(tmp_path / "broken", "cifar10", 20, 10, np.random.default_rng(0))
+    batch = tmp_path / "broken" / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:500])  # truncated
+    code = main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "broken"), "--output-dir", str(tmp_path / "d")])
+    one_line_error(capsys, code, "data_batch_2 is not a readable CIFAR batch")
     code = main(["--dataset", "cifar10", "--backbone", "digits_convnet", "--output-dir", str(tmp_path / "c")])
     one_line_error(capsys, code, "argument --backbone: digits_convnet is for the 16x16 digits")
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 # ---------------------------------------------------------------------------------------------- resume
