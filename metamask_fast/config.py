@@ -36,7 +36,12 @@ PRECISIONS = ("fp32", "bf16")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """Bad input ends a command with exit code 2 and one line on stderr: no usage dump, no traceback."""
+    """Bad input ends a command with exit code 2 and one line on stderr: no usage dump, no traceback.
+    Flags must be spelled out (no abbreviations: ``--epoch`` is not ``--epochs``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -115,9 +120,15 @@ def _number(kind: type, *, minimum: float | None = None, strict: bool = False, m
                 value = kind(text)
             except ValueError:
                 raise ValueError(f"must be {_describe_number(kind, minimum, strict, maximum)}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()
+        ):
             raise ValueError(f"must be {_describe_number(kind, minimum, strict, maximum)}, got {value!r}")
-        value = kind(value)
+        try:
+            value = kind(value)
+            float(value)
+        except (OverflowError, ValueError):
+            raise ValueError(f"is too large, got {str(value)[:20]}…") from None
         bad = not math.isfinite(value) or (minimum is not None and (value <= minimum if strict else value < minimum))
         if bad or (maximum is not None and value > maximum):
             raise ValueError(f"must be {_describe_number(kind, minimum, strict, maximum)}, got {value!r}")
@@ -132,7 +143,7 @@ def _describe_number(kind, minimum, strict, maximum) -> str:
     if minimum is not None:
         parts.append(f"{'>' if strict else '>='} {minimum:g}")
     if maximum is not None:
-        parts.append(f"<= {maximum:g}")
+        parts.append(f"<= {maximum}")
     return noun + (" " + " and ".join(parts) if parts else "")
 
 
@@ -159,7 +170,7 @@ def _boolean(value):
 
 def _text(*, optional: bool = False) -> Callable[[Any], Any]:
     def convert(value):
-        if value is None and optional:
+        if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "null", "none"))):
             return None
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ValueError(f"must be a non-empty string, got {value!r}")
@@ -211,7 +222,7 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "weight_decay": (_number(float, minimum=0), "SGD weight decay of both optimizers"),
     "precision": (_choice(PRECISIONS), "fp32, or bf16 autocast for the forwards (losses and weights in fp32)"),
     "channels_last": (_boolean, "channels_last memory format for the backbone (faster convolutions on GPUs)"),
-    "seed": (_number(int, minimum=0), "seed of the weights, the data order and the augmentations"),
+    "seed": (_number(int, minimum=0, maximum=2**63 - 1), "seed of the weights, the data order and the augmentations"),
     "device": (_text(optional=True), "cpu, cuda or cuda:N; auto: cuda when available (torchrun: cuda:LOCAL_RANK)"),
     "output_dir": (_text(optional=True), "run folder; auto: runs/<dataset>-<method>-<hash of the settings>. "
                                          "Re-running the same command resumes the run in it"),
@@ -233,6 +244,20 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice (YAML itself keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(source: str) -> tuple[dict[str, Any], str]:
     """The checked mapping of preset ``source`` (a name of :func:`preset_names` or a path) and its label."""
     path = PRESETS_DIR / f"{source}.yaml" if source in preset_names() else Path(source)
@@ -242,7 +267,7 @@ def load_yaml(source: str) -> tuple[dict[str, Any], str]:
             f"argument --config: {source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file"
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"argument --config: cannot read {label}: {first}") from None

@@ -90,7 +90,7 @@ def _download(name: str, data_dir: Path) -> None:
 def _missing(name: str, path: Path, layout: str) -> DatasetError:
     return DatasetError(
         f"{name}: {path} is missing; put the dataset under the data folder as {layout} (torchvision's layout), "
-        f"or pass download=True where a network is reachable"
+        f"or pass --download (download=True in Python) where a network is reachable"
     )
 
 
@@ -112,6 +112,9 @@ def _cifar(folder: Path, split: str, name: str, files: dict[str, list[str]], lab
             data = np.asarray(entry[b"data"], dtype=np.uint8)
             batch_labels = np.asarray(entry[label_key], dtype=np.int64)
             data = data.reshape(len(batch_labels), 3, 32, 32)
+            classes = 10 if name == "cifar10" else 100
+            if batch_labels.ndim != 1 or not ((batch_labels >= 0) & (batch_labels < classes)).all():
+                raise ValueError(f"labels must be {len(batch_labels)} class indices in 0..{classes - 1}")
         except Exception as error:  # noqa: BLE001  (truncated, not a pickle, wrong keys or sizes)
             raise DatasetError(f"{name}: {path} is not a readable CIFAR batch ({type(error).__name__}: {error}); "
                                f"replace it with the file from the published archive") from error
@@ -162,20 +165,41 @@ def _stl10(folder: Path, split: str) -> ImageSet:
     return ImageSet(torch.cat(images), torch.cat(labels), classes)
 
 
+def _class_dirs(folder: Path) -> list[Path]:
+    """Sub-folders that name classes (hidden ones such as ``.ipynb_checkpoints`` are not classes)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _folder(root: Path, split: str) -> ImageSet:
-    """``root`` itself (split "train") or ``root/<split>`` when that sub-folder exists."""
-    folder = root / split if (root / split).is_dir() else root
-    if not folder.is_dir():
-        raise DatasetError(f"folder: {folder} is not a directory of images")
+    """``root/<split>``; for split "train" also ``root`` itself when it has no ``train`` sub-folder (and no
+    ``test`` one, which would otherwise be read as a class). Class indices follow the sorted class names of
+    the training folder, so that every split uses the same ones."""
+    if not root.is_dir():
+        raise DatasetError(f"folder: {root} is not a directory of images")
+    if split == "train":
+        folder = root / "train" if (root / "train").is_dir() else root
+        if folder == root and (root / "test").is_dir():
+            raise DatasetError(f"folder: {root} has a test/ folder but no train/ folder; put the training images "
+                               f"in {root / 'train'}")
+    else:
+        folder = root / split
+        if not folder.is_dir():
+            raise DatasetError(f"folder: {folder} does not exist; put the {split} images there (one sub-folder "
+                               "per class)")
     extensions = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    class_dirs = _class_dirs(folder)
     if class_dirs:
+        train_folder = root / "train" if (root / "train").is_dir() else root
+        names = [p.name for p in (_class_dirs(train_folder) if split != "train" else class_dirs)]
+        unknown = [p.name for p in class_dirs if p.name not in names]
+        if unknown:
+            raise DatasetError(f"folder: {folder} has classes the training images do not have: {', '.join(unknown[:5])}")
         files, labels = [], []
-        for index, class_dir in enumerate(class_dirs):
+        for class_dir in class_dirs:
             found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in extensions)
             files += found
-            labels += [index] * len(found)
-        result = ImageSet(files, torch.tensor(labels, dtype=torch.int64), [p.name for p in class_dirs])
+            labels += [names.index(class_dir.name)] * len(found)
+        result = ImageSet(files, torch.tensor(labels, dtype=torch.int64), names)
     else:
         result = ImageSet(sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions), None, None)
     if not len(result):

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from metamask_fast.config import ConfigError, OneLineArgumentParser
+from metamask_fast.datasets import DatasetError
 from metamask_fast.export import write_embeddings
-from metamask_fast.runs import load_run, resolve_device, split_features
+from metamask_fast.runs import last_line, load_run, resolve_device, split_features
 
 PROG = "metamask_fast.embed"
 
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"argument --output: must end in .pt or .npy, got {args.output!r}")
         if args.workers < 0:
             raise ConfigError(f"argument --workers: must be >= 0, got {args.workers}")
+        if Path(args.output).exists():  # before the feature pass (write_embeddings checks its other files)
+            raise ConfigError(f"argument --output: {args.output!r} exists; refusing to overwrite it")
         device = resolve_device(args.device)
         config, model = load_run(args.run, device)
         features, labels, names = split_features(model, config, args.split, device, data_dir=args.data_dir,
@@ -50,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_embeddings(args.output, features, labels, names, csv=args.csv)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except DatasetError as error:  # an image that cannot be read
+        print(f"{PROG}: error: argument --data-dir: {last_line(error)}", file=sys.stderr)
         return 2
     except (FileExistsError, OSError, ValueError) as error:
         print(f"{PROG}: error: argument --output: {error}", file=sys.stderr)

@@ -10,14 +10,16 @@ its docstring). Prints top-1 and top-5 on the test split and writes them, with t
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from metamask_fast.config import ConfigError, OneLineArgumentParser
+from metamask_fast.datasets import DatasetError
 from metamask_fast.evaluate import LINEAR_PROBE_LR, linear_probe
-from metamask_fast.runs import load_run, resolve_device, split_features
+from metamask_fast.runs import last_line, load_run, resolve_device, split_features
 
 PROG = "metamask_fast.linear"
 # The labelled split a linear classifier is trained on (STL-10: its 5,000 labelled training images).
@@ -61,13 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else 2
     try:
-        if args.weight_decay < 0:
-            raise ConfigError(f"argument --weight-decay: must be >= 0, got {args.weight_decay}")
+        if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+            raise ConfigError(f"argument --weight-decay: must be a finite number >= 0, got {args.weight_decay}")
+        if not 0 <= args.seed < 2**63:
+            raise ConfigError(f"argument --seed: must be an integer in [0, 2**63), got {args.seed}")
         if args.workers < 0:
             raise ConfigError(f"argument --workers: must be >= 0, got {args.workers}")
         output = Path(args.output) if args.output else Path(args.run) / "linear.json"
         if output.exists():
             raise ConfigError(f"argument --output: {str(output)!r} exists; refusing to overwrite it")
+        if not output.parent.is_dir():
+            raise ConfigError(f"argument --output: the folder {str(output.parent)!r} does not exist")
         device = resolve_device(args.device)
         config, model = load_run(args.run, device)
         split = _TRAIN_SPLIT.get(config.dataset, "train")
@@ -82,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               seed=args.seed, device=device)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except DatasetError as error:  # an image that cannot be read
+        print(f"{PROG}: error: argument --data-dir: {last_line(error)}", file=sys.stderr)
         return 2
     result.pop("state", None)
     result.update(run=str(args.run), dataset=config.dataset, backbone=config.backbone, train_split=split,

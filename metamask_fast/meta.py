@@ -514,21 +514,38 @@ class SingleLossStep:
     interface and keys; the loss that is not trained is still reported (computed on detached embeddings).
     ``distributed``: as for :class:`~metamask_fast.meta.MetaMaskStep`, both losses are computed on the
     embeddings gathered from all ranks and the gradients (``.grad`` of the optimizer's parameters) are
-    averaged over the ranks before the optimizer steps.
+    averaged over the ranks before the optimizer steps. ``precision="bf16"``: the forwards run under
+    bfloat16 autocast and the losses in float32, as in MetaMaskStep. ``channels_last``: the model's 4-d
+    weights are converted once, here, and 4-d inputs at every step.
     """
 
     def __init__(self, model: MetaMaskModel, optimizer: torch.optim.Optimizer, *, method: str,
-                 lambd: float, temperature: float, distributed: bool = False):
+                 lambd: float, temperature: float, distributed: bool = False, precision: str = "fp32",
+                 channels_last: bool = False):
         if method not in ("barlowtwins", "simclr"):
             raise ValueError(f"method must be 'barlowtwins' or 'simclr', got {method!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
         _check_distributed(distributed)
         self.model, self.optimizer, self.method = model, optimizer, method
         self.lambd, self.temperature = lambd, temperature
-        self.distributed = distributed
+        self.distributed, self.precision, self.channels_last = distributed, precision, channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
 
     def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
-        z_bt0, z_cl0 = self.model(x0)
-        z_bt1, z_cl1 = self.model(x1)
+        if self.channels_last:
+            x0, x1 = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in (x0, x1))
+        dtype = self.model.mask.logits.dtype
+        autocast = (torch.autocast(x0.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            z_bt0, z_cl0 = self.model(x0)
+            z_bt1, z_cl1 = self.model(x1)
+        # The losses in the weights' precision (they compute in float32 either way).
+        z_bt0, z_cl0, z_bt1, z_cl1 = (z.to(dtype) for z in (z_bt0, z_cl0, z_bt1, z_cl1))
         if self.distributed:  # one collective; the embeddings of the loss that is not trained carry no gradient
             trained = self.method == "barlowtwins"
             z_bt0, z_bt1, z_cl0, z_cl1 = _gather_all([

@@ -79,7 +79,7 @@ class SeededTwoViews(torch.utils.data.Dataset):
         epoch, index = key
         image = pil_image(self.images, index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix(self.seed, epoch, index))
+            torch.default_generator.manual_seed(mix(self.seed, epoch, index))  # the CPU generator only: fast
             return self.transform(image), self.transform(image)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from metamask_fast import config as cfg
 from metamask_fast.config import ConfigError, TrainConfig
@@ -18,7 +17,7 @@ from metamask_fast.data import load_digits_split
 from metamask_fast.datasets import DatasetError, load_images
 from metamask_fast.models import MetaMaskModel
 
-__all__ = ["load_run", "split_features", "resolve_device"]
+__all__ = ["load_run", "split_features", "resolve_device", "last_line"]
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -43,12 +42,11 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Me
         if not (folder / name).is_file():
             raise ConfigError(f"argument --run: {str(folder)!r} has no {name}; pass the folder of a finished "
                               "python -m metamask_fast.train run")
-    try:
-        values = yaml.safe_load((folder / "config.yaml").read_text())
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
-        config = cfg.resolve(TrainConfig(**values))
-    except (yaml.YAMLError, TypeError, AttributeError, ValueError) as error:
-        raise ConfigError(f"argument --run: {folder / 'config.yaml'} is not a run's config ({error})") from None
+    try:  # every value checked as the trainer checks --config files
+        values, _ = cfg.load_yaml(str(folder / "config.yaml"))
+    except ConfigError as error:
+        raise ConfigError(f"argument --run: {str(error).removeprefix('argument --config: ')}") from None
+    config = cfg.resolve(TrainConfig(**values))
     model = build_model(config)
     try:
         model.backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True))
@@ -92,3 +90,12 @@ def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device
     else:
         names = [f"{split}/{i}" for i in range(len(images))]
     return features, images.labels, names
+
+
+def last_line(error: Exception) -> str:
+    """The message of ``error``; a DataLoader worker's error carries the worker's traceback, whose last line
+    is the original ``Type: message``."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return line.removeprefix(prefix).removeprefix(f"{type(error).__name__}: ")

@@ -58,7 +58,8 @@ from metamask_fast.datasets import DatasetError, ImageSet, load_images
 from metamask_fast.evaluate import extract_features, knn_top1_accuracy
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel
-from metamask_fast.pipeline import DigitsBatches, ImageBatches, epoch_order, evaluation_loader
+from metamask_fast.pipeline import DigitsBatches, ImageBatches, evaluation_loader
+from metamask_fast.runs import last_line
 
 __all__ = ["TrainConfig", "build_parser", "parse_config", "build_model", "train", "main", "knn_metric"]
 
@@ -68,6 +69,8 @@ CHECKPOINT_FORMAT = 1
 # What a run writes before its first checkpoint: a folder holding only these (for the same settings) is
 # restarted, anything else in a folder without a checkpoint is refused.
 _EARLY_FILES = {"config.yaml", "metrics.jsonl", "tensorboard"}
+_CHECKPOINT_KEYS = ("identity", "model", "net_optimizer", "mask_optimizer", "schedulers", "step_count", "epoch",
+                    "batch", "step", "sums", "counts", "best", "references", "training_seconds", "rng", "finished")
 # Splits: self-supervised training, the kNN memory bank, the kNN queries.
 _SPLITS = {"cifar10": ("train", "train", "test"), "cifar100": ("train", "train", "test"),
            "stl10": ("train+unlabeled", "train", "test"), "folder": ("train", "train", "test")}
@@ -247,6 +250,10 @@ def _read_checkpoint(path: Path, where: str) -> dict:
                           "another --output-dir") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{where}: {path} is not a metamask_fast.train checkpoint")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise ConfigError(f"{where}: {path} is incomplete (no {', '.join(missing)}); remove it or pass another "
+                          "--output-dir")
     return checkpoint
 
 
@@ -261,7 +268,10 @@ def _check_same_run(checkpoint: dict, config: TrainConfig, path: Path, where: st
 
 def prepare_run_folder(config: TrainConfig, resume: str | None, origin) -> tuple[Path, dict | None]:
     """The run folder and the checkpoint to continue from (None: a fresh start). Nothing is created or
-    changed here; every refusal is a :class:`ConfigError`."""
+    changed here; every refusal is a :class:`ConfigError`.
+
+    A folder's own checkpoint always wins: re-running a command continues the folder it writes to, also a
+    command that first started it with ``--resume`` from another run's checkpoint."""
     source = None
     if resume is not None:
         source = Path(resume)
@@ -275,23 +285,34 @@ def prepare_run_folder(config: TrainConfig, resume: str | None, origin) -> tuple
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{where}: {str(folder)!r} exists and is not a directory")
     own = folder / CHECKPOINT
-    if source is not None and folder.is_dir() and own.exists() and own.resolve() != source.resolve():
-        raise ConfigError(f"{where}: {str(folder)!r} already holds a checkpoint; resume into an empty folder")
-    if source is None and own.is_file():
-        source = own
-    if source is not None:
-        checkpoint = _read_checkpoint(source, "argument --resume" if resume is not None else where)
-        _check_same_run(checkpoint, config, source, "argument --resume" if resume is not None else where)
-        if source.resolve() != own.resolve() and folder.is_dir() and any(folder.iterdir()):
-            raise ConfigError(f"{where}: {str(folder)!r} is not empty; resume into an empty folder")
-        checkpoint["source_folder"] = str(source.parent)  # where its metrics.jsonl is (not saved again)
+    if own.is_file():
+        checkpoint = _read_checkpoint(own, where)
+        _check_same_run(checkpoint, config, own, where)
+        checkpoint["source_folder"] = str(folder)  # where its metrics.jsonl is (not saved again)
         return folder, checkpoint
-    if folder.is_dir():
-        present = {p.name for p in folder.iterdir()}
-        if present and not (present <= _EARLY_FILES and _same_early_config(folder, config)):
-            raise ConfigError(f"{where}: {str(folder)!r} is not empty and holds no checkpoint of this run; "
-                              "refusing to overwrite it")
+    if source is not None:
+        checkpoint = _read_checkpoint(source, "argument --resume")
+        _check_same_run(checkpoint, config, source, "argument --resume")
+        if folder.is_dir() and not _only_early_files(folder, config):
+            raise ConfigError(f"{where}: {str(folder)!r} is not empty; resume into an empty folder")
+        checkpoint["source_folder"] = str(source.parent)
+        return folder, checkpoint
+    if folder.is_dir() and not _only_early_files(folder, config):
+        raise ConfigError(f"{where}: {str(folder)!r} is not empty and holds no checkpoint of this run; "
+                          "refusing to overwrite it")
     return folder, None
+
+
+def _is_partial_write(path: Path) -> bool:
+    """A temporary file of :func:`_atomic_write` left by a process killed while writing."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def _only_early_files(folder: Path, config: TrainConfig) -> bool:
+    """Whether ``folder`` holds nothing or only what a run with these settings writes before its first
+    checkpoint (and partial writes of a killed one)."""
+    present = {p.name for p in folder.iterdir() if not _is_partial_write(p)}
+    return not present or (present <= _EARLY_FILES and _same_early_config(folder, config))
 
 
 def _same_early_config(folder: Path, config: TrainConfig) -> bool:
@@ -526,7 +547,8 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                                channels_last=config.channels_last, distributed=ctx.is_distributed)
     else:
         stepper = SingleLossStep(model, net_optimizer, method=config.method, lambd=config.lambd,
-                                 temperature=config.temperature, distributed=ctx.is_distributed)
+                                 temperature=config.temperature, distributed=ctx.is_distributed,
+                                 precision=config.precision, channels_last=config.channels_last)
 
     metric = knn_metric(config)
     batches_per_epoch = data.batches.batches_per_epoch
@@ -597,7 +619,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         with _Stopper() as stopper:
             while epoch < config.epochs:
                 lr = net_optimizer.param_groups[0]["lr"]
-                epoch_started = time.perf_counter()
+                epoch_started, first_batch = time.perf_counter(), batch
                 for x0, x1 in data.batches.epoch(epoch, batch):
                     try:
                         result = stepper.step(x0, x1)
@@ -631,7 +653,9 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                     record["mask_lr"] = mask_optimizer.param_groups[0]["lr"]
                 record.update(_mask_statistics(model))
                 seconds = time.perf_counter() - epoch_started
-                record["images_per_second"] = batches_per_epoch * images_per_step / seconds if seconds > 0 else 0.0
+                # The batches this process ran (after a resume, part of the epoch).
+                ran = (batches_per_epoch - first_batch) * images_per_step
+                record["images_per_second"] = ran / seconds if seconds > 0 and ran else None
                 record["seconds"] = training_seconds + time.perf_counter() - resumed_at
                 if (epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs:
                     accuracy = knn_accuracy(model, data, config, device) if main_process else None
@@ -646,7 +670,8 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                         metrics_file.write(json.dumps(record) + "\n")
                     if writer is not None:
                         for key, value in record.items():
-                            writer.add_scalar(f"epoch/{key}", value, epoch + 1)
+                            if value is not None:
+                                writer.add_scalar(f"epoch/{key}", value, epoch + 1)
                 with warnings.catch_warnings():
                     # A run resumed at an epoch's very end steps the schedulers before any optimizer step of
                     # this process: torch warns, but the schedule is the saved one and stays right.
@@ -686,8 +711,9 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         _write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         from metamask_fast.plots import write_plots
 
-        write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
-                    correlation=batch_correlation(model, data, config, device))
+        if records:  # a run resumed from a lone final checkpoint has none
+            write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
+                        correlation=batch_correlation(model, data, config, device))
         _save(state(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
     mmdist.barrier()
     return summary
@@ -713,7 +739,8 @@ def _print_summary(summary: dict, config: TrainConfig, folder: Path) -> None:
                 print(f"  {label:<32}{100 * summary[key]:6.2f}%")
         trained = f"{config.method} after {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
         print(f"  {trained:<32}{100 * summary[f'{metric}_last']:6.2f}%  (best {100 * summary[f'{metric}_best']:.2f}%)")
-    print(f"{summary['seconds']:.1f} s in all ({summary['training_seconds']:.1f} s training); run folder: {folder}")
+    print(f"{summary['seconds']:.1f} s in this process ({summary['training_seconds']:.1f} s of training in all, "
+          f"resumed runs included); run folder: {folder}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -736,12 +763,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder, checkpoint = prepare_run_folder(config, resume, origin)
         config = dataclasses.replace(config, output_dir=str(folder))
         if checkpoint is not None and checkpoint.get("finished"):
-            print(f"{PROG}: the run in {folder} already finished ({config.epochs} epochs); nothing to do")
+            print(f"{PROG}: the run in {checkpoint['source_folder']} already finished ({config.epochs} epochs); "
+                  "nothing to do")
             return 0
         data = load_data(config, device, ctx, origin)
         if ctx.is_main:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                for partial in [p for p in folder.iterdir() if _is_partial_write(p)]:
+                    partial.unlink()  # a write cut short by a kill; the complete file it was replacing is kept
                 _write_text(folder / "config.yaml", cfg.to_yaml(config))
             except OSError as error:
                 raise ConfigError(f"{_where(origin, 'output_dir')}: cannot write to {str(folder)!r}: "
@@ -754,6 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = train(config, data, folder, checkpoint, ctx, started)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except DatasetError as error:  # an image that cannot be read, found while training
+        print(f"{PROG}: error: argument --data-dir: {last_line(error)}", file=sys.stderr)
         return 2
     except FloatingPointError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -68,6 +68,10 @@ def test_cifar_missing_and_malformed_files_name_themselves(tmp_path):
         load_images("cifar10", tmp_path)
     with pytest.raises(ValueError, match="split must be one of"):
         load_images("cifar10", tmp_path, "validation")
+    batch = folder / "data_batch_3"
+    batch.write_bytes(pickle.dumps({b"data": coded_images(3, 32, 0).reshape(3, -1), b"labels": [0, 10, 1]}))
+    with pytest.raises(DatasetError, match=r"data_batch_3 is not a readable CIFAR batch .*class indices in 0..9"):
+        load_images("cifar10", tmp_path)
 
 
 def write_stl10(root):
@@ -118,6 +122,23 @@ def test_image_folders_with_and_without_classes(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.jpg")
     flat = load_images("folder", tmp_path / "flat")
     assert len(flat) == 1 and flat.labels is None
+    with pytest.raises(DatasetError, match=r"flat/test does not exist"):
+        load_images("folder", tmp_path / "flat", "test")
+    # Splits share the training classes' indices; a hidden folder is not a class.
+    for split, classes in (("train", ("a", "b", "c")), ("test", ("c", "a"))):
+        for name in classes:
+            (tmp_path / "split" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "split" / split / name / "x.png")
+    (tmp_path / "split" / "train" / ".ipynb_checkpoints").mkdir()
+    assert load_images("folder", tmp_path / "split", "test").labels.tolist() == [0, 2]
+    assert load_images("folder", tmp_path / "split", "train").classes == ["a", "b", "c"]
+    (tmp_path / "split" / "test" / "zebra").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "split" / "test" / "zebra" / "x.png")
+    with pytest.raises(DatasetError, match="classes the training images do not have: zebra"):
+        load_images("folder", tmp_path / "split", "test")
+    (tmp_path / "only-test" / "test").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="has a test/ folder but no train/ folder"):
+        load_images("folder", tmp_path / "only-test", "train")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         load_images("folder", tmp_path / "empty")

@@ -229,3 +229,29 @@ def test_optimizer_state_loaded_after_the_step_is_built_is_used():
         step.step(x[0], x[1])
         results.append(model.mask.logits.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("method", ["barlowtwins", "simclr"])
+def test_single_loss_step_honours_bf16_and_channels_last(method):
+    from metamask_fast.meta import SingleLossStep
+
+    updates = {}
+    for precision, channels_last in (("fp32", False), ("fp32", True), ("bf16", False)):
+        torch.manual_seed(0)
+        model = MetaMaskModel(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)),
+                              8, (16, 16), (16, 8))
+        before = [p.detach().clone() for p in model.parameters()]
+        step = SingleLossStep(model, torch.optim.SGD(model.parameters(), lr=0.1), method=method, lambd=5e-3,
+                              temperature=0.5, precision=precision, channels_last=channels_last)
+        x = torch.randn(2, 12, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+        result = step.step(x[0], x[1])
+        assert all(isinstance(v, float) for v in result.values())
+        if channels_last:
+            assert model.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+        updates[precision, channels_last] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    reference = updates["fp32", False]
+    # channels_last only reorders the convolution's float32 sums
+    assert ((updates["fp32", True] - reference).norm() / reference.norm()).item() < 1e-3
+    bf16 = updates["bf16", False]
+    assert not torch.equal(bf16, reference)  # the forwards really ran in bfloat16
+    assert torch.nn.functional.cosine_similarity(bf16, reference, dim=0) > 0.95

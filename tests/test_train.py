@@ -142,6 +142,17 @@ def test_existing_non_empty_output_dir_is_refused_untouched(tmp_path, capsys):
     assert error.count("\n") == 1 and "--output-dir" in error
 
 
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    assert main(["--epoch", "3", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_means_the_default(tmp_path):
+    config, _, _ = train_module.parse_config(["--device", "auto", "--output-dir", "auto", "--backbone", "auto"])
+    assert (config.device, config.output_dir, config.backbone) == (None, None, None)
+
+
 def test_help_exits_cleanly(capsys):
     assert main(["--help"]) == 0
     help_text = capsys.readouterr().out
@@ -165,6 +176,10 @@ BAD_COMMAND_LINES = {
     "seed-text": (["--seed", "x"], "--seed"),
     "meta-interval-zero": (["--meta-interval", "0"], "--meta-interval"),
     "device-nonsense": (["--device", "tpu"], "--device"),
+    "seed-too-large": (["--seed", str(2**64)], "--seed"),
+    "epochs-too-large": (["--epochs", "9" * 400], "--epochs"),
+    "knn-k-larger-than-train-set": (["--knn-k", "1438"], "--knn-k"),
+    "output-dir-empty": (["--output-dir", ""], "--output-dir"),
     "device-cuda-index": (["--device", "cuda:99"], "--device"),
     "unwritable-output-dir": (["--output-dir", "{blocker}/run"], "--output-dir"),
 }

@@ -190,7 +190,11 @@ def test_resume_flag_continues_into_a_new_folder(tmp_path, monkeypatch, uninterr
         interrupt_at(patch, 7)
         assert main([*argv, "--output-dir", str(first)]) == 128 + signal.SIGTERM
     before = files(first)
-    assert main([*argv, "--resume", str(first / "checkpoint.pt"), "--output-dir", str(tmp_path / "second")]) == 0
+    again = [*argv, "--resume", str(first / "checkpoint.pt"), "--output-dir", str(tmp_path / "second")]
+    with monkeypatch.context() as patch:  # the continuation is itself interrupted ...
+        interrupt_at(patch, 1)
+        assert main(again) == 128 + signal.SIGTERM
+    assert main(again) == 0  # ... and the same command continues the new folder's own checkpoint
     assert_same_state(state(tmp_path / "second"), state(uninterrupted))
     assert comparable_records(tmp_path / "second") == comparable_records(uninterrupted)
     assert files(first) == before  # the source run is left as it was
@@ -209,6 +213,19 @@ def test_finished_run_is_not_rerun_and_other_settings_are_refused(uninterrupted,
     assert "lr: 3e-05 there, 0.001 now" in err
     assert files(uninterrupted) == before
     assert not (uninterrupted.parent / "other").exists()
+
+
+def test_partial_writes_of_a_killed_first_run_do_not_block_it(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    argv = [*FAST, "--epochs", "1", "--output-dir", str(folder)]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 1)
+        assert main(argv) == 128 + signal.SIGTERM
+    # As if killed during its first checkpoint write: only the settings, the metrics and a partial file.
+    (folder / "checkpoint.pt").unlink()
+    (folder / ".checkpoint.pt.tmp-4242").write_bytes(b"half a checkpoint")
+    assert main(argv) == 0
+    assert not (folder / ".checkpoint.pt.tmp-4242").exists() and (folder / "summary.json").is_file()
 
 
 def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tmp_path, capsys):
@@ -293,6 +310,15 @@ def test_one_epoch_on_each_real_format(tmp_path, dataset):
         assert is_png(folder / name), name
     backbone = torch.load(folder / "backbone.pt", weights_only=True)
     assert backbone["conv1.weight"].shape == (64, 3, 3, 3)  # the CIFAR stem
+
+
+def test_an_unreadable_image_found_while_training_is_one_line_and_exit_2(tmp_path, capsys):
+    write_folder(tmp_path / "data", np.random.default_rng(1))
+    (tmp_path / "data" / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    code = main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "13",
+                 "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "8", "--cl-dims", "8", "--knn-k", "3",
+                 "--workers", "2", "--no-progress", "--output-dir", str(tmp_path / "run")])
+    one_line_error(capsys, code, "argument --data-dir: folder: cannot read image ")
 
 
 def test_two_views_depend_only_on_seed_epoch_and_index(tmp_path):
