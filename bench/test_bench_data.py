@@ -20,8 +20,9 @@ IMAGES, BATCH = 2048, 256
 WORKERS = sorted({0, 2, min(8, os.cpu_count() or 1)})
 
 
-@pytest.mark.parametrize("workers", WORKERS)
-def test_two_view_loader(benchmark, workers):
+@pytest.mark.parametrize("impl", [f"workers_{n}" for n in WORKERS])
+def test_two_view_loader(benchmark, impl):
+    workers = int(impl.removeprefix("workers_"))
     generator = torch.Generator().manual_seed(0)
     images = ImageSet(torch.randint(0, 256, (IMAGES, 3, 32, 32), dtype=torch.uint8, generator=generator),
                       torch.zeros(IMAGES, dtype=torch.int64), None)
