@@ -378,3 +378,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert summary["world_size"] == 2
     # Only rank 0 writes: one set of files.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_tensorboard_logs_when_installed(tmp_path):
+    """TensorBoard is optional (not a dependency): with the package installed the run logs every step's and
+    every epoch's values; CI's environment has no tensorboard and skips this."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    folder = tmp_path / "run"
+    assert main(["--epochs", "2", "--batch-size", "512", "--no-progress", "--output-dir", str(folder)]) == 0
+    events = accumulator.EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    records = comparable_records(folder)
+    logged = [(e.step, e.value) for e in events.Scalars("epoch/loss")]
+    assert logged == [(r["epoch"], pytest.approx(r["loss"])) for r in records]
+    assert len(events.Scalars("step/loss")) == 2 * (1437 // 512)
