@@ -95,11 +95,12 @@ class TrainConfig:
     knn_temperature: float = 0.1
     log_every: int = 50
     progress: bool = True
+    max_bad_steps: int = 10
 
 
 # Settings that change how a run executes, not what it computes: a run may resume with other values.
 RUNTIME_FIELDS = ("data_dir", "download", "workers", "device", "output_dir", "checkpoint_every", "knn_every",
-                  "log_every", "progress")
+                  "log_every", "progress", "max_bad_steps")
 
 # The SPEC §1 heads for the ResNets; the digits net's 64-d features get the authors' shapes scaled down.
 _HEADS = {"digits_convnet": ((512, 512, 512), (256, 128))}
@@ -232,6 +233,8 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "knn_temperature": (_number(float, minimum=0, strict=True), "temperature of the kNN monitor's weights"),
     "log_every": (_number(int, minimum=1), "steps between progress lines when stderr is not a terminal"),
     "progress": (_boolean, "progress bar (or lines) on stderr"),
+    "max_bad_steps": (_number(int, minimum=1), "consecutive steps with a non-finite loss or gradient (each "
+                                               "skipped without any update) after which the run stops"),
 }
 assert set(FIELD_SPECS) == {f.name for f in fields(TrainConfig)}
 

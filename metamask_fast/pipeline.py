@@ -16,15 +16,16 @@ batches keep BatchNorm and the Barlow Twins statistics comparable from step to s
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Iterator
 
 import torch
 
 from metamask_fast.data import DigitAugmentation, DigitsSplit
-from metamask_fast.datasets import ImageSet, eval_transform, pil_image, simclr_augmentation
+from metamask_fast.datasets import DatasetError, ImageSet, eval_transform, pil_image, simclr_augmentation
 
-__all__ = ["mix", "epoch_order", "EpochBatchSampler", "SeededTwoViews", "LabeledImages", "DigitsBatches",
-           "ImageBatches"]
+__all__ = ["mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
+           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader"]
 
 
 def mix(*values: int) -> int:
@@ -65,9 +66,30 @@ class EpochBatchSampler:
             yield [(self.epoch, int(i)) for i in order[first:first + local]]
 
 
+def readable_image(images: ImageSet, index: int):
+    """``(image, index)`` of image ``index``, or when that file cannot be read (a corrupt or truncated file
+    in an image folder), a warning and the next readable image ``(image, other_index)`` instead: one bad
+    file does not stop a run. :class:`DatasetError` when no image at all can be read."""
+    for offset in range(len(images)):
+        candidate = (index + offset) % len(images)
+        try:
+            return pil_image(images, candidate), candidate
+        except DatasetError as error:
+            where = str(images.images[candidate]) if isinstance(images.images, list) else (id(images), candidate)
+            if where not in _REPORTED:  # once per file and process, on stderr (a warning filter may hide
+                _REPORTED.add(where)    # warnings, and those of worker processes)
+                print(f"metamask_fast: warning: {error}; skipped (the next readable image is used in its place)",
+                      file=sys.stderr, flush=True)
+    raise DatasetError("no image of the dataset can be read")
+
+
+_REPORTED: set = set()
+
+
 class SeededTwoViews(torch.utils.data.Dataset):
     """Two augmented views of image ``index``, drawn under the seed ``mix(seed, epoch, index)`` for the key
-    ``(epoch, index)``. The process's own random state is left as it was."""
+    ``(epoch, index)``. The process's own random state is left as it was. An unreadable image is skipped:
+    :func:`readable_image`."""
 
     def __init__(self, images: ImageSet, transform, seed: int):
         self.images, self.transform, self.seed = images, transform, seed
@@ -77,14 +99,18 @@ class SeededTwoViews(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        image = pil_image(self.images, index)
+        image, _ = readable_image(self.images, index)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix(self.seed, epoch, index))  # the CPU generator only: fast
             return self.transform(image), self.transform(image)
 
 
+UNREADABLE = -2
+
+
 class LabeledImages(torch.utils.data.Dataset):
-    """``(image, label)`` through the deterministic evaluation transform; label -1 where there is none."""
+    """``(image, label)`` through the deterministic evaluation transform; label -1 where there is none, and
+    :data:`UNREADABLE` for an image that cannot be read (:func:`readable_image`; evaluations drop it)."""
 
     def __init__(self, images: ImageSet, transform):
         self.images, self.transform = images, transform
@@ -93,8 +119,11 @@ class LabeledImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
+        image, used = readable_image(self.images, index)
+        if used != index:
+            return self.transform(image), UNREADABLE
         label = -1 if self.images.labels is None else int(self.images.labels[index])
-        return self.transform(pil_image(self.images, index)), label
+        return self.transform(image), label
 
 
 class DigitsBatches:

@@ -73,7 +73,7 @@ def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device
             digits.test_images, digits.test_labels)
         features = torch.cat([model.features(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
         return features, labels, [f"{split}/{i}" for i in range(len(labels))]
-    from metamask_fast.pipeline import evaluation_loader
+    from metamask_fast.pipeline import UNREADABLE, evaluation_loader
 
     root = data_dir or config.data_dir
     try:
@@ -83,13 +83,18 @@ def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device
     except ValueError as error:
         raise ConfigError(f"argument --split: {error}") from None
     loader = evaluation_loader(config.dataset, images, config.image_size, workers, batch_size)
-    features = torch.cat([model.features(batch.to(device)).float().cpu() for batch, _ in loader])
+    features, flags = [], []
+    for batch, batch_labels in loader:
+        features.append(model.features(batch.to(device)).float().cpu())
+        flags.append(batch_labels)
+    features, keep = torch.cat(features), torch.cat(flags) != UNREADABLE  # unreadable images are left out
     if isinstance(images.images, list):
         base = Path(root)
         names = [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in images.images]
     else:
         names = [f"{split}/{i}" for i in range(len(images))]
-    return features, images.labels, names
+    labels = None if images.labels is None else images.labels[keep]
+    return features[keep], labels, [name for name, kept in zip(names, keep.tolist()) if kept]
 
 
 def last_line(error: Exception) -> str:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -71,10 +72,16 @@ CHECKPOINT_FORMAT = 1
 # restarted, anything else in a folder without a checkpoint is refused.
 _EARLY_FILES = {"config.yaml", "metrics.jsonl", "tensorboard"}
 _CHECKPOINT_KEYS = ("identity", "model", "net_optimizer", "mask_optimizer", "schedulers", "step_count", "epoch",
-                    "batch", "step", "sums", "counts", "best", "references", "training_seconds", "rng", "finished")
+                    "batch", "step", "sums", "counts", "best", "references", "training_seconds", "rng", "finished",
+                    "bad_steps")
 # Splits: self-supervised training, the kNN memory bank, the kNN queries.
 _SPLITS = {"cifar10": ("train", "train", "test"), "cifar100": ("train", "train", "test"),
            "stl10": ("train+unlabeled", "train", "test"), "folder": ("train", "train", "test")}
+
+
+class RunStopped(Exception):
+    """The run cannot go on (non-finite steps, a checkpoint that cannot be written); ``str()`` says why
+    and what is kept. Exit code 1."""
 
 
 class Interrupted(Exception):
@@ -328,7 +335,8 @@ def _same_early_config(folder: Path, config: TrainConfig) -> bool:
 
 def _atomic_write(path: Path, write) -> None:
     """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``: a reader
-    sees the old file or the complete new one, never a part."""
+    sees the old file or the complete new one, never a part. A failed write (a full disk) raises
+    ``OSError`` naming ``path``, and leaves the old file as it was and no temporary file."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as file:
@@ -336,6 +344,11 @@ def _atomic_write(path: Path, write) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    except RuntimeError as error:  # torch.save reports a failed write of its zip container this way
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(errno.EIO, f"write failed ({first[:200]})", str(path)) from error
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -345,6 +358,12 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _write_failure(path: Path, error: OSError, step: int) -> str:
+    return (f"cannot write {path}: {error.strerror or error}; the checkpoint already in the run folder (if any) "
+            f"is intact, the run stopped at step {step}; make room or fix the folder, then run the same command "
+            "to resume")
 
 
 def _save(obj, path: Path) -> None:
@@ -438,7 +457,9 @@ def _loader_features(model: MetaMaskModel, loader, device: torch.device) -> tupl
         for images, batch_labels in loader:
             features.append(model.features(images.to(device, non_blocking=True)).float())
             labels.append(batch_labels)
-        return torch.cat(features), torch.cat(labels).to(device)
+        features, labels = torch.cat(features), torch.cat(labels).to(device)
+        keep = labels >= 0  # unreadable images (label -1) are left out of the evaluation
+        return features[keep], labels[keep]
     finally:
         model.train(was_training)
 
@@ -559,6 +580,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         best: float | None = None
+        bad_steps = 0  # consecutive skipped steps
         if ctx.is_distributed:
             mmdist.broadcast_module(model)
         if data.digits is not None and main_process:
@@ -579,6 +601,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         epoch, batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
         training_seconds = checkpoint["training_seconds"]
         sums, counts, best = dict(checkpoint["sums"]), dict(checkpoint["counts"]), checkpoint["best"]
+        bad_steps = checkpoint["bad_steps"]
         references = dict(checkpoint["references"])
         _set_rng_state(checkpoint["rng"])
 
@@ -593,7 +616,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
             "schedulers": [scheduler.state_dict() for scheduler in schedulers],
             "step_count": getattr(stepper, "step_count", step),
             "epoch": epoch, "batch": batch, "step": step,
-            "sums": sums, "counts": counts, "best": best, "references": references,
+            "sums": sums, "counts": counts, "best": best, "references": references, "bad_steps": bad_steps,
             "training_seconds": training_seconds + time.perf_counter() - resumed_at if seconds is None else seconds,
             "rng": _rng_state(),
             "finished": finished,
@@ -602,7 +625,10 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
 
     def save_checkpoint(finished: bool = False) -> None:
         if main_process:
-            _save(state(finished), folder / CHECKPOINT)
+            try:
+                _save(state(finished), folder / CHECKPOINT)
+            except OSError as error:
+                raise RunStopped(_write_failure(folder / CHECKPOINT, error, step)) from None
         mmdist.barrier()
 
     # The records up to the checkpoint: those of a killed run past it are redone. Resuming into a new
@@ -631,25 +657,39 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                             raise
                         raise FloatingPointError(f"the network became non-finite in epoch {epoch + 1}; try a "
                                                  f"smaller --lr (now {config.lr})") from error
+                    # A skipped step (non-finite loss or gradient) changed nothing; its values stay out of the
+                    # epoch's means, and enough of them in a row stop the run.
+                    skipped = result.get("skipped", 0.0) == 1.0
+                    bad_steps = bad_steps + 1 if skipped else 0
                     for key, value in result.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                        counts[key] = counts.get(key, 0) + 1
+                        if key == "skipped" or not skipped:
+                            sums[key] = sums.get(key, 0.0) + value
+                            counts[key] = counts.get(key, 0) + 1
                     batch += 1
                     step += 1
                     progress.update(step, epoch + 1, result["loss"])
                     if writer is not None:
                         for key, value in result.items():
                             writer.add_scalar(f"step/{key}", value, step)
+                    if bad_steps >= config.max_bad_steps:
+                        save_checkpoint()
+                        raise RunStopped(
+                            f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or gradient "
+                            f"and were skipped; {folder / CHECKPOINT} holds the last good state (step "
+                            f"{step - bad_steps}, plus the skipped steps' position in the data); try a smaller "
+                            f"--lr (now {config.lr}) or a larger --max-bad-steps")
                     if _stop_requested(stopper, ctx):
                         save_checkpoint()
                         raise Interrupted(stopper.signum or signal.SIGTERM, step)
                     if step % config.checkpoint_every == 0 and batch < batches_per_epoch:
                         save_checkpoint()
                 means = {key: total / counts[key] for key, total in sums.items()}
-                if not math.isfinite(means["loss"]):
+                if not math.isfinite(means.get("loss", 0.0)):
                     raise FloatingPointError(f"the loss became {means['loss']} in epoch {epoch + 1}; try a "
                                              f"smaller --lr (now {config.lr})")
                 record = {"epoch": epoch + 1, "step": step, **means, "lr": lr}
+                if "skipped" in sums:
+                    record["skipped_steps"] = int(sums["skipped"])
                 if mask_optimizer is not None:
                     record["mask_lr"] = mask_optimizer.param_groups[0]["lr"]
                 record.update(_mask_statistics(model))
@@ -683,8 +723,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                 if _stop_requested(stopper, ctx):
                     save_checkpoint()
                     raise Interrupted(stopper.signum or signal.SIGTERM, step)
-                if epoch < config.epochs:
-                    save_checkpoint()
+                save_checkpoint()  # also after the last epoch: the final outputs below can be redone from it
     finally:
         progress.close()
         if writer is not None:
@@ -707,15 +746,18 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         "world_size": ctx.world_size,
     }
     if main_process:
-        _save(model.backbone.state_dict(), folder / "backbone.pt")
-        _save(model.mask.state_dict(), folder / "mask.pt")
-        _write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         from metamask_fast.plots import write_plots
 
-        if records:  # a run resumed from a lone final checkpoint has none
-            write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
-                        correlation=batch_correlation(model, data, config, device))
-        _save(state(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
+        try:
+            _save(model.backbone.state_dict(), folder / "backbone.pt")
+            _save(model.mask.state_dict(), folder / "mask.pt")
+            _write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+            if records:  # a run resumed from a lone final checkpoint has none
+                write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
+                            correlation=batch_correlation(model, data, config, device))
+            _save(state(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
+        except OSError as error:
+            raise RunStopped(_write_failure(Path(error.filename or folder), error, step)) from None
     mmdist.barrier()
     return summary
 
@@ -789,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as error:  # an image that cannot be read, found while training
         print(f"{PROG}: error: argument --data-dir: {last_line(error)}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:
+    except (FloatingPointError, RunStopped) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     except Interrupted as stop:

@@ -312,15 +312,6 @@ def test_one_epoch_on_each_real_format(tmp_path, dataset):
     assert backbone["conv1.weight"].shape == (64, 3, 3, 3)  # the CIFAR stem
 
 
-def test_an_unreadable_image_found_while_training_is_one_line_and_exit_2(tmp_path, capsys):
-    write_folder(tmp_path / "data", np.random.default_rng(1))
-    (tmp_path / "data" / "train" / "cat" / "broken.png").write_bytes(b"not a png")
-    code = main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "13",
-                 "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "8", "--cl-dims", "8", "--knn-k", "3",
-                 "--workers", "2", "--no-progress", "--output-dir", str(tmp_path / "run")])
-    one_line_error(capsys, code, "argument --data-dir: folder: cannot read image ")
-
-
 def test_two_views_depend_only_on_seed_epoch_and_index(tmp_path):
     rng = np.random.default_rng(0)
     write_cifar(tmp_path, "cifar10", 10, 5, rng)

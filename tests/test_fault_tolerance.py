@@ -1,0 +1,214 @@
+"""What happens when a run is killed, signalled, fed non-finite values, bad files or a full disk: the real
+command in a subprocess where it applies."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metamask_fast import train as train_module
+from metamask_fast.train import main
+
+# 2 epochs of 5 steps on the digits, a checkpoint after every step.
+ARGS = ["--epochs", "2", "--batch-size", "256", "--checkpoint-every", "1", "--knn-every", "1", "--meta-interval", "2",
+        "--no-progress"]
+
+
+def command(folder: Path) -> list[str]:
+    return [sys.executable, "-m", "metamask_fast.train", *ARGS, "--output-dir", str(folder)]
+
+
+def final_state(folder: Path) -> dict:
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert checkpoint["finished"]
+    return {"model": checkpoint["model"], "net_optimizer": checkpoint["net_optimizer"],
+            "mask_optimizer": checkpoint["mask_optimizer"], "step": checkpoint["step"],
+            "backbone": torch.load(folder / "backbone.pt", weights_only=True),
+            "mask": torch.load(folder / "mask.pt", weights_only=True)}
+
+
+def assert_bitwise_equal(a, b) -> None:
+    flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    assert spec_a == spec_b
+    for x, y in zip(flat_a, flat_b):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole") / "run"
+    result = subprocess.run(command(folder), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_same_weights(tmp_path, uninterrupted):
+    folder = tmp_path / "run"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(8):
+        process = subprocess.Popen(command(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if attempt < 4:
+            # Kill only once training has started (the checkpoint exists), at a random moment after that.
+            deadline = time.monotonic() + 120
+            while process.poll() is None and not (folder / "checkpoint.pt").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))
+            if process.poll() is None:
+                process.kill()
+                kills += 1
+        _, stderr = process.communicate(timeout=600)
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL, stderr
+    assert process.returncode == 0 and kills >= 2
+    assert_bitwise_equal(final_state(folder), final_state(uninterrupted))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # every epoch once, none lost, none doubled
+
+
+def test_a_write_cut_short_by_a_kill_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL in the middle of writing a checkpoint: the complete previous file stays, the partial one
+    is a temporary file that the next start removes."""
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"previous complete checkpoint")
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from metamask_fast.train import _atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'half of a new one')\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"_atomic_write(Path({str(target)!r}), write)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"previous complete checkpoint"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".checkpoint.pt.tmp-")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_write_a_checkpoint_and_exit_with_a_message(tmp_path, uninterrupted, signum):
+    folder = tmp_path / "run"
+    process = subprocess.Popen(command(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")  # not expected: 10 steps take seconds
+    assert process.returncode == 128 + signum, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name} after step" in lines[0], stderr
+    assert "run the same command to resume" in lines[0]
+    step = torch.load(folder / "checkpoint.pt", weights_only=True)["step"]
+    assert f"after step {step};" in lines[0]
+    result = subprocess.run(command(folder), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal(final_state(folder), final_state(uninterrupted))
+
+
+def test_a_full_disk_at_checkpoint_time_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        if ".checkpoint.pt.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            calls.append(fd)
+            if len(calls) == 4:  # the checkpoints of steps 1, 2, 3 are written; the 4th finds the disk full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(train_module.os, "fsync", fsync)
+    code = main([*ARGS, "--output-dir", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err and "checkpoint.pt" in err
+    assert "the run stopped at step 4" in err and "run the same command to resume" in err
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["step"] == 3  # intact and readable
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
+    monkeypatch.undo()
+    assert main([*ARGS, "--output-dir", str(folder)]) == 0  # with room again, the same command resumes
+
+
+def test_an_unwritable_run_folder_is_found_at_start(tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    assert main([*ARGS, "--output-dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --output-dir: cannot write to" in err
+
+
+def write_folder(root: Path, rng) -> None:
+    for split, count in (("train", 7), ("test", 3)):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_is_skipped_with_a_warning(tmp_path, capfd, workers):
+    write_folder(tmp_path / "data", np.random.default_rng(2))
+    (tmp_path / "data" / "train" / "cat" / "3.png").write_bytes(b"not a png")  # corrupt
+    (tmp_path / "data" / "test" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    folder = tmp_path / "run"
+    code = main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "7",
+                 "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "8", "--cl-dims", "8", "--knn-k", "3",
+                 "--workers", str(workers), "--no-progress", "--output-dir", str(folder)])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert "train/cat/3.png" in err and "skipped" in err and "Traceback" not in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["knn_k3_t0.1_top1_last"] <= 1
+
+
+def test_an_empty_image_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    code = main(["--dataset", "folder", "--data-dir", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "argument --data-dir: folder: no images" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, capsys):
+    folder = tmp_path / "run"
+    assert main(["--epochs", "1", "--batch-size", "512", "--method", "barlowtwins", "--no-progress",
+                 "--output-dir", str(folder)]) == 0
+    before = (folder / "checkpoint.pt").read_bytes()
+    code = main(["--epochs", "1", "--batch-size", "512", "--method", "barlowtwins", "--backbone", "resnet18",
+                 "--no-progress", "--output-dir", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "backbone: 'digits_convnet' there, 'resnet18' now" in err
+    assert (folder / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path, capsys, damage):
+    folder = tmp_path / "run"
+    assert main(["--epochs", "1", "--batch-size", "512", "--method", "simclr", "--no-progress",
+                 "--output-dir", str(folder)]) == 0
+    path = folder / "checkpoint.pt"
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage]
+    path.write_bytes(damaged)
+    code = main(["--epochs", "1", "--batch-size", "512", "--method", "simclr", "--no-progress",
+                 "--output-dir", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot read checkpoint" in err and "Traceback" not in err
+    assert path.read_bytes() == damaged
