@@ -834,6 +834,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FloatingPointError, RunStopped) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint, the last complete one is kept
+        print(f"{PROG}: stopped by a second SIGINT without writing a checkpoint; the last complete checkpoint is "
+              "kept; run the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Interrupted as stop:
         name = signal.Signals(stop.signum).name
         print(f"{PROG}: stopped by {name} after step {stop.step}; checkpoint written to "
