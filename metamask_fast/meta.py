@@ -34,6 +34,17 @@ With ``distributed=True`` (one process per rank, :mod:`metamask_fast.distributed
 phase is computed on the embeddings gathered from all ranks and every gradient is averaged over the ranks
 before it is used, so that each rank takes the step one process would take on the global batch (with
 BatchNorm converted by :func:`metamask_fast.distributed.convert_sync_batchnorm`).
+
+Non-finite values never reach the weights or the mask. When step 1's loss or any of the network's gradients
+is not finite (NaN or ±inf; embeddings that are not finite count as a NaN loss), the call changes nothing:
+no weight, no momentum buffer, no BatchNorm running statistic (they are put back as they were before the
+forwards), no mask; it returns ``skipped=1.0``. When anything of the meta part is not finite (L_cl at
+θ_{t+1} or its gradient, the virtual loss, the direct mask gradient, v, or the mask gradient after the
+second-order term), the mask and its optimizer are left alone while the network keeps its (finite) step 1;
+it returns ``mask_skipped=1.0``. Each check costs at most one host sync per phase (:func:`_all_finite`: one
+fused pass per dtype, no sync of its own; the last check rides on the sync that fetches the returned values)
+and is made after the distributed averaging, so that every rank sees the same values and takes the same
+decision without a collective of its own.
 """
 
 from __future__ import annotations
@@ -74,6 +85,42 @@ def _running_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tens
         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
         if buffer is not None
     ]
+
+
+def _restore(statistics: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put back the values saved by :func:`_running_statistics`."""
+    with torch.no_grad():
+        for buffer, saved in statistics:
+            buffer.copy_(saved)
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """A 0-d bool tensor, without a host sync: every element of every tensor (None entries skipped) is
+    finite. One :func:`metamask_fast.ops.global_norm` pass per dtype (the norm of values that hold a NaN or
+    an infinity is not finite; a norm that overflows its dtype, beyond ~3e38 in float32, counts as not
+    finite too)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    flags = [torch.isfinite(ops.global_norm(group)) for group in groups.values()]
+    if len(flags) == 1:
+        return flags[0]
+    if not flags:
+        return torch.tensor(True)
+    return torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _loss(loss_fn, z_a: torch.Tensor, z_b: torch.Tensor, *args) -> torch.Tensor:
+    """``loss_fn(z_a, z_b, *args)``; when the embeddings are not finite (the losses refuse them with a
+    ValueError), a NaN instead that still depends on them, so that the step's finiteness check sees a
+    non-finite loss and non-finite gradients and skips. Other ValueErrors propagate."""
+    try:
+        return loss_fn(z_a, z_b, *args)
+    except ValueError:
+        if bool(torch.stack([torch.isfinite(z_a).all(), torch.isfinite(z_b).all()]).all()):
+            raise
+        return (z_a.sum() + z_b.sum()) * float("nan")
 
 
 def _check_distributed(distributed: bool) -> None:
@@ -258,7 +305,7 @@ class MetaMaskStep:
         """``L_cl`` of the contrastive head on both views' ``features`` times ``mask``."""
         state = {**_sub_dict("cl_head", weights), **_sub_dict("cl_head", buffers)}
         z0, z1 = (functional_call(self.model.cl_head, state, (f * mask,), strict=False) for f in features)
-        return nt_xent_loss(*self._global(z0, z1), self.temperature)
+        return _loss(nt_xent_loss, *self._global(z0, z1), self.temperature)
 
     def _contrastive_loss_at(self, weights, buffers, x0, x1, *, backbone_grad: bool) -> torch.Tensor:
         """``L_cl(weights, M)`` through the backbone and the contrastive head only."""
@@ -301,12 +348,13 @@ class MetaMaskStep:
             self._perturbed = kept = [torch.empty_like(w) for w in weights]  # the weights' layouts
         return kept
 
-    def _finite_difference_hvp(self, v: dict[str, torch.Tensor], buffers, x0, x1) -> torch.Tensor:
-        """``(∂_m L_cl(θ + R v) - ∂_m L_cl(θ - R v)) / 2R`` with ``R = r / ‖v‖`` around the current θ."""
+    def _finite_difference_hvp(self, v: dict[str, torch.Tensor], buffers, x0, x1, norm=None) -> torch.Tensor:
+        """``(∂_m L_cl(θ + R v) - ∂_m L_cl(θ - R v)) / 2R`` with ``R = r / ‖v‖`` around the current θ.
+        ``norm``: ``ops.global_norm`` of ``v``'s tensors when already computed."""
         params = dict(self.model.named_parameters())
         names = list(v)
         directions = [v[name] for name in names]
-        norm = float(ops.global_norm(directions))
+        norm = float(ops.global_norm(directions) if norm is None else norm)
         if norm == 0:  # no direction to differentiate along: the second-order term vanishes
             return torch.zeros_like(self.model.mask.logits)
         if not math.isfinite(norm):
@@ -418,10 +466,14 @@ class MetaMaskStep:
     def step(self, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
         """One training step on the two views ``x0``, ``x1`` of a batch.
 
-        Returns python floats: ``loss``, ``loss_bt``, ``loss_cl`` (at θ_t) and ``meta_step`` (1.0 when the
-        mask's meta step ran, 0.0 on the calls that ``meta_interval`` skips); after a meta step also
-        ``loss_cl_virtual`` (L_cl at θ') and ``mask_grad_norm`` (the norm of the gradient the mask
-        optimizer stepped with); with ``timings=True`` the seconds per phase (class docstring).
+        Returns python floats: ``loss``, ``loss_bt``, ``loss_cl`` (at θ_t), ``meta_step`` (1.0 when the
+        mask's meta step ran, 0.0 on the calls that ``meta_interval`` skips and on skipped calls) and
+        ``skipped`` (1.0 when step 1's loss or gradients were not finite and the call changed nothing, the
+        losses then being the non-finite values; 0.0 otherwise); after a meta step also ``loss_cl_virtual``
+        (L_cl at θ'), ``mask_grad_norm`` (the norm of the mask gradient) and ``mask_skipped`` (1.0 when a
+        value of the meta part was not finite and the mask was not updated; 0.0 when it was); with
+        ``timings=True`` the seconds per phase (class docstring). :attr:`step_count` counts every call,
+        skipped ones included, so that the ``meta_interval`` schedule does not shift.
         """
         self._check_views(x0, x1)
         if self.channels_last:
@@ -433,16 +485,26 @@ class MetaMaskStep:
         meta_step = self.step_count % self.meta_interval == 0
         self.step_count += 1
 
-        # 1. Regular step on θ only: the mask's gradient from L is never formed.
+        # 1. Regular step on θ only: the mask's gradient from L is never formed. The running statistics are
+        #    saved first, to be put back when the step is skipped.
+        before = _running_statistics(model)
         with self._autocast():
             h0, h1 = self._regular_features(x0), self._regular_features(x1)
             z0_bt, z0_cl, z1_bt, z1_cl = model.bt_head(h0), model.cl_head(h0), model.bt_head(h1), model.cl_head(h1)
             z0_bt, z1_bt, z0_cl, z1_cl = self._global(z0_bt, z1_bt, z0_cl, z1_cl)
-            loss_bt = barlow_twins_loss(z0_bt, z1_bt, self.lambd)
-            loss_cl = nt_xent_loss(z0_cl, z1_cl, self.temperature)
+            loss_bt = _loss(barlow_twins_loss, z0_bt, z1_bt, self.lambd)
+            loss_cl = _loss(nt_xent_loss, z0_cl, z1_cl, self.temperature)
             loss = loss_bt + self.weight_cl * loss_cl
         grads = _gradients(loss, params)
         self._average(grads)
+        # After the averaging: every rank checks the same values. ``loss`` carries a NaN or an infinity of
+        # either loss (0 · inf is NaN too).
+        if not bool(_all_finite([loss, *grads])):
+            _restore(before)
+            clock.lap("regular")
+            values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach()]).tolist()
+            return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, "skipped": 1.0,
+                    **clock.seconds()}
         for p, g in zip(params, grads):
             p.grad = g
         self.net_optimizer.step()
@@ -450,7 +512,19 @@ class MetaMaskStep:
         clock.lap("regular")
         if not meta_step:
             values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach()]).tolist()
-            return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, **clock.seconds()}
+            return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, "skipped": 0.0,
+                    **clock.seconds()}
+
+        def mask_skipped(loss_virtual=None, mask_grad=None):
+            nan = torch.full((), float("nan"), dtype=loss.dtype, device=loss.device)
+            values = torch.stack([
+                loss.detach(), loss_bt.detach(), loss_cl.detach(),
+                nan if loss_virtual is None else loss_virtual.detach().to(loss.dtype),
+                nan if mask_grad is None else mask_grad.detach().norm().to(loss.dtype),
+            ]).tolist()
+            keys = ("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm")
+            return {**dict(zip(keys, values)), "meta_step": 1.0, "skipped": 0.0, "mask_skipped": 1.0,
+                    **clock.seconds()}
 
         # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics are put back:
         #    they move once per step), then the virtual SGD step.
@@ -464,12 +538,13 @@ class MetaMaskStep:
             else:
                 z0 = model.cl_head(self._regular_features(x0))
                 z1 = model.cl_head(self._regular_features(x1))
-            loss_next = nt_xent_loss(*self._global(z0, z1), self.temperature)
+            loss_next = _loss(nt_xent_loss, *self._global(z0, z1), self.temperature)
         grads = _gradients(loss_next, params)
         self._average(grads)
-        with torch.no_grad():  # after the backward, which saved the buffers it read
-            for buffer, saved in statistics:
-                buffer.copy_(saved)
+        _restore(statistics)  # after the backward, which saved the buffers it read
+        if not bool(_all_finite([loss_next, *grads])):
+            clock.lap("virtual")
+            return mask_skipped()
         virtual = self._virtual_weights(grads)
         clock.lap("virtual")
 
@@ -481,30 +556,41 @@ class MetaMaskStep:
         direct, *v = torch.autograd.grad(loss_virtual, [mask] + [virtual[n] for n in names], allow_unused=True)
         self._average([direct, *v])
         mask_grad = direct
+        directions = {n: g for n, g in zip(names, v) if g is not None}
+        # ‖v‖, which the finite difference needs anyway, is also the check of v.
+        v_norm = ops.global_norm(list(directions.values())) if directions else None
+        finite = _all_finite([loss_virtual, direct])
+        if v_norm is not None:
+            finite = finite & torch.isfinite(v_norm).to(finite.device)
+        if not bool(finite):
+            clock.lap("outer")
+            return mask_skipped(loss_virtual, direct)
         clock.lap("outer")
 
         # 4. Second-order term around θ_{t+1}: central finite differences or exact.
-        if self.second_order != "none":
-            directions = {n: g for n, g in zip(names, v) if g is not None}
-            if directions:
-                eta = self.net_optimizer.param_groups[0]["lr"]
-                if self.second_order == "exact":  # float32 also under bf16 autocast, as the finite difference
-                    hvp = self._exact_hvp(directions, x0, x1, records)
-                else:
-                    hvp = self._finite_difference_hvp(directions, buffers, x0, x1)
-                mask_grad = direct - eta * hvp
+        if self.second_order != "none" and directions:
+            eta = self.net_optimizer.param_groups[0]["lr"]
+            if self.second_order == "exact":  # float32 also under bf16 autocast, as the finite difference
+                hvp = self._exact_hvp(directions, x0, x1, records)
+            else:
+                hvp = self._finite_difference_hvp(directions, buffers, x0, x1, norm=v_norm)
+            mask_grad = direct - eta * hvp
         clock.lap("second_order")
 
-        # 5. Meta step on the mask.
+        # 5. Meta step on the mask, when its gradient is finite (the check of the second-order term).
+        values = torch.stack(
+            [loss.detach(), loss_bt.detach(), loss_cl.detach(), loss_virtual.detach(), mask_grad.norm(),
+             torch.isfinite(mask_grad).all().to(loss.dtype)]
+        ).tolist()
+        if not values[-1]:
+            return mask_skipped(loss_virtual, mask_grad)
         mask.grad = mask_grad
         self.mask_optimizer.step()
         self.mask_optimizer.zero_grad(set_to_none=True)
 
-        values = torch.stack(
-            [loss.detach(), loss_bt.detach(), loss_cl.detach(), loss_virtual.detach(), mask_grad.norm()]
-        ).tolist()
         keys = ("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm")
-        return {**dict(zip(keys, values)), "meta_step": 1.0, **clock.seconds()}
+        return {**dict(zip(keys, values)), "meta_step": 1.0, "skipped": 0.0, "mask_skipped": 0.0,
+                **clock.seconds()}
 
 
 class SingleLossStep:
@@ -517,6 +603,12 @@ class SingleLossStep:
     averaged over the ranks before the optimizer steps. ``precision="bf16"``: the forwards run under
     bfloat16 autocast and the losses in float32, as in MetaMaskStep. ``channels_last``: the model's 4-d
     weights are converted once, here, and 4-d inputs at every step.
+
+    ``step`` returns ``loss``, ``loss_bt``, ``loss_cl`` and ``skipped``: 1.0 when the trained loss or a
+    gradient of the optimizer's parameters was not finite (checked after the distributed averaging, one
+    fused reduction); the call then changes nothing (no optimizer step, BatchNorm running statistics put
+    back, the gradients cleared). A non-finite value of the loss that is not trained is reported, not acted
+    on.
     """
 
     def __init__(self, model: MetaMaskModel, optimizer: torch.optim.Optimizer, *, method: str,
@@ -541,6 +633,7 @@ class SingleLossStep:
         dtype = self.model.mask.logits.dtype
         autocast = (torch.autocast(x0.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                     else contextlib.nullcontext())
+        before = _running_statistics(self.model)  # put back when the step is skipped
         with autocast:
             z_bt0, z_cl0 = self.model(x0)
             z_bt1, z_cl1 = self.model(x1)
@@ -553,21 +646,30 @@ class SingleLossStep:
                 z_cl0.detach() if trained else z_cl0, z_cl1.detach() if trained else z_cl1,
             ])
         if self.method == "barlowtwins":
-            loss = barlow_twins_loss(z_bt0, z_bt1, self.lambd)
+            loss = _loss(barlow_twins_loss, z_bt0, z_bt1, self.lambd)
             with torch.no_grad():
-                other = nt_xent_loss(z_cl0.detach(), z_cl1.detach(), self.temperature)
+                other = _loss(nt_xent_loss, z_cl0.detach(), z_cl1.detach(), self.temperature)
             loss_bt, loss_cl = loss, other
         else:
-            loss = nt_xent_loss(z_cl0, z_cl1, self.temperature)
+            loss = _loss(nt_xent_loss, z_cl0, z_cl1, self.temperature)
             with torch.no_grad():
-                other = barlow_twins_loss(z_bt0.detach(), z_bt1.detach(), self.lambd)
+                other = _loss(barlow_twins_loss, z_bt0.detach(), z_bt1.detach(), self.lambd)
             loss_bt, loss_cl = other, loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
         if self.distributed:
-            mmdist.average_gradients([p.grad for group in self.optimizer.param_groups for p in group["params"]])
-        self.optimizer.step()
-        return {"loss": loss.item(), "loss_bt": loss_bt.item(), "loss_cl": loss_cl.item()}
+            mmdist.average_gradients(grads)
+        # After the averaging: the same decision on every rank. One sync for the check and the values.
+        finite = _all_finite([loss, *grads])
+        values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach(), finite.to(loss.dtype)]).tolist()
+        skipped = not values[-1]
+        if skipped:
+            _restore(before)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        return {**dict(zip(("loss", "loss_bt", "loss_cl"), values[:3])), "skipped": float(skipped)}
 
 
 class _PhaseClock:

@@ -212,3 +212,64 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path, capsys, dam
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "cannot read checkpoint" in err and "Traceback" not in err
     assert path.read_bytes() == damaged
+
+
+def poison_steps(monkeypatch, bad_calls) -> None:
+    """Put a NaN into the first view's batch on the given (1-based) calls of the training step."""
+    from metamask_fast.meta import MetaMaskStep
+
+    original, seen = MetaMaskStep.step, []
+
+    def step(self, x0, x1):
+        seen.append(1)
+        if len(seen) in bad_calls:
+            x0 = x0.clone()
+            x0[0, 0, 0, 0] = float("nan")
+        return original(self, x0, x1)
+
+    monkeypatch.setattr(MetaMaskStep, "step", step)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    poison_steps(monkeypatch, {3, 4, 8})
+    assert main([*ARGS, "--max-bad-steps", "3", "--output-dir", str(folder)]) == 0
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [2, 1]
+    for record in records:
+        assert all(np.isfinite(record[key]) for key in ("loss", "loss_bt", "loss_cl"))
+    model = torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(value).all() for value in model.values() if value.is_floating_point())
+
+
+def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_state(tmp_path, monkeypatch, capsys):
+    good = tmp_path / "good"
+    with monkeypatch.context() as patch:  # the state after step 3, by a SIGTERM there
+        from metamask_fast.meta import MetaMaskStep
+
+        original, seen = MetaMaskStep.step, []
+
+        def step(self, x0, x1):
+            seen.append(1)
+            if len(seen) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, x0, x1)
+
+        patch.setattr(MetaMaskStep, "step", step)
+        assert main([*ARGS, "--output-dir", str(good)]) == 128 + signal.SIGTERM
+    capsys.readouterr()
+    folder = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        poison_steps(patch, set(range(4, 100)))
+        assert main([*ARGS, "--max-bad-steps", "3", "--output-dir", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 consecutive steps (up to step 6) had a non-finite loss or gradient" in err
+    assert "last good state (step 3" in err
+    stopped = torch.load(folder / "checkpoint.pt", weights_only=True)
+    reference = torch.load(good / "checkpoint.pt", weights_only=True)
+    assert stopped["step"] == 6 and reference["step"] == 3
+    # The weights, mask and momentum are those of step 3 (the learning rates moved on with the schedule: the
+    # skipped steps 4-6 crossed the end of epoch 1).
+    assert_bitwise_equal(stopped["model"], reference["model"])
+    for key in ("net_optimizer", "mask_optimizer"):
+        assert_bitwise_equal(stopped[key]["state"], reference[key]["state"])
