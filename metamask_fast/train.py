@@ -440,6 +440,17 @@ def _mask_statistics(model: MetaMaskModel) -> dict[str, float]:
                 "mask_min": mask.min().item(), "mask_max": mask.max().item()}
 
 
+def _weights_finite(model: MetaMaskModel) -> bool:
+    """Whether every weight and buffer is finite (one pass per dtype through the compiled norm)."""
+    from metamask_fast import ops
+
+    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and t.numel()]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    return all(math.isfinite(float(ops.global_norm(group))) for group in by_dtype.values())
+
+
 def _has_diverged(model: MetaMaskModel, images: torch.Tensor) -> bool:
     """Whether a weight, or an embedding of (finite) ``images`` in training mode, is inf or nan."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -661,6 +672,11 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                     # epoch's means, and enough of them in a row stop the run.
                     skipped = result.get("skipped", 0.0) == 1.0
                     bad_steps = bad_steps + 1 if skipped else 0
+                    if skipped and not _weights_finite(model):
+                        # An update overflowed the weights themselves (a far too large learning rate): no later
+                        # step can recover. The last checkpoint on disk predates it and is kept.
+                        raise FloatingPointError(f"the network's weights became non-finite in epoch {epoch + 1}; "
+                                                 f"try a smaller --lr (now {config.lr})")
                     for key, value in result.items():
                         if key == "skipped" or not skipped:
                             sums[key] = sums.get(key, 0.0) + value
@@ -684,6 +700,9 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                     if step % config.checkpoint_every == 0 and batch < batches_per_epoch:
                         save_checkpoint()
                 means = {key: total / counts[key] for key, total in sums.items()}
+                if not _weights_finite(model):
+                    raise FloatingPointError(f"the network's weights became non-finite in epoch {epoch + 1}; try "
+                                             f"a smaller --lr (now {config.lr})")
                 if not math.isfinite(means.get("loss", 0.0)):
                     raise FloatingPointError(f"the loss became {means['loss']} in epoch {epoch + 1}; try a "
                                              f"smaller --lr (now {config.lr})")
@@ -699,7 +718,13 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                 record["images_per_second"] = ran / seconds if seconds > 0 and ran else None
                 record["seconds"] = training_seconds + time.perf_counter() - resumed_at
                 if (epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs:
-                    accuracy = knn_accuracy(model, data, config, device) if main_process else None
+                    try:
+                        accuracy = knn_accuracy(model, data, config, device) if main_process else None
+                    except ValueError as error:  # the evaluation refuses non-finite features
+                        if "non-finite" not in str(error):
+                            raise
+                        raise FloatingPointError(f"the network's features became non-finite in epoch {epoch + 1}; "
+                                                 f"try a smaller --lr (now {config.lr})") from None
                     if accuracy is not None:
                         best = accuracy if best is None else max(best, accuracy)
                         record[metric] = accuracy
