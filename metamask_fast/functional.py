@@ -15,6 +15,7 @@ rejects an explicit ``backend="triton"`` and runs PyTorch when the environment v
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -30,6 +31,11 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Rows of C = ẑ_aᵀ ẑ_b held at once by the tiled path: memory stays at TILE_ROWS × D, never D × D.
 C_TILE_ROWS = 128
+
+# The range of 1/std (1/sqrt(var + eps) for "bn") per column, times sqrt(N) at the low end, in which the
+# Triton kernels' float32 sums of squared deviations neither overflow (std up to 2^60/sqrt(N)) nor lose
+# precision to denormals (std down to 2^-50).
+_TRITON_RSTD_RANGE = (2.0**-60, 2.0**50)
 
 
 def _resolve_backend(backend: str, z: torch.Tensor, *, has_triton_kernel: bool) -> str:
@@ -144,17 +150,40 @@ def _without_autocast(z: torch.Tensor):
     return torch.autocast(z.device.type, enabled=False)
 
 
+def _power_of_two_near_peak(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """A power of two within a factor 2 of ``max |z|`` along ``dim`` (kept), 1 where that is 0 or not finite.
+
+    Dividing by it is exact (barring underflow), so a computation that is invariant to the scale of its
+    input gives bitwise the same result on ``z / scale``, without the sums and squares of values near the
+    dtype's range overflowing it (float32 squares overflow from about 1.8e19). Not differentiated through:
+    the callers' results do not depend on it."""
+    peak = z.detach().abs().amax(dim=dim, keepdim=True)
+    mantissa, _ = torch.frexp(peak)  # peak = mantissa * 2**e, 0.5 <= mantissa < 1
+    return torch.where((peak > 0) & torch.isfinite(peak), peak / (2 * mantissa), 1)  # 2**(e - 1), exact
+
+
 def _standardize(z: torch.Tensor, normalize: str = "std", eps: float = 1e-5) -> torch.Tensor:
     """Standardise every column of ``z`` over the batch.
 
     ``"std"`` (the authors' form): ``(z - mean) / std`` with the unbiased std and no eps.
     ``"bn"`` (official Barlow Twins, ``BatchNorm1d(affine=False)`` in training mode):
     ``(z - mean) / sqrt(var + eps)`` with the biased variance.
+
+    Each column is first divided by a power of two near its largest magnitude (``eps`` by its square), which
+    changes no result but keeps the mean and variance of values near the dtype's range from overflowing,
+    and (``"std"``) those of denormals from underflowing. ``"bn"`` scales only columns of values above 1,
+    so that ``eps / scale²`` cannot overflow, and keeps it from underflowing to 0, so that a constant column
+    still gives 0 / (not 0): where it would underflow, it is negligible next to any non-zero variance.
     """
+    scale = _power_of_two_near_peak(z, 0)
+    if normalize != "std":
+        scale = scale.clamp_min(1)
+    z = z / scale
     centred = z - z.mean(dim=0)
     if normalize == "std":
         return centred / z.std(dim=0)
-    return centred / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+    scaled_eps = (eps / scale / scale).clamp_min(torch.finfo(z.dtype).tiny)
+    return centred / torch.sqrt(z.var(dim=0, unbiased=False) + scaled_eps)
 
 
 class _SquaredCrossCorrelationNorm(torch.autograd.Function):
@@ -224,6 +253,7 @@ def barlow_twins_loss(
     Gram products overflow float16). Returns a scalar tensor of the inputs' dtype.
     """
     _check_embeddings(z_a, z_b)
+    explicit = backend == "triton" or (backend == "auto" and os.environ.get("METAMASK_FAST_BACKEND") == "triton")
     backend = _resolve_backend(backend, z_a, has_triton_kernel=True)
     _check_weight(weight, z_a)
     check_number("lambd", lambd, minimum=0)
@@ -236,11 +266,26 @@ def barlow_twins_loss(
 
         outputs = _fused_loss.barlow_twins_fused(z_a, z_b, weight, float(lambd), normalize == "std", float(eps))
         loss = outputs[0]
-        # A non-finite input makes its column's mean or variance, hence the loss, non-finite: checking the
-        # one scalar instead of every input saves launches; the inputs are searched only when it fails.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(loss)):
-            _check_finite(z_a=z_a, z_b=z_b, weight=weight)
-        return loss.to(z_a.dtype)
+        if torch.compiler.is_compiling():
+            return loss.to(z_a.dtype)
+        # The kernels' column statistics are float32 sums of squares: a column whose spread leaves
+        # _TRITON_RSTD_RANGE overflows them (a wrong, even finite, loss) or underflows them. A non-finite input
+        # makes its column's mean or variance non-finite, hence out of range too. One sync for all of it; the
+        # inputs are searched only when it fails.
+        low, high = math.sqrt(z_a.shape[0]) * _TRITON_RSTD_RANGE[0], _TRITON_RSTD_RANGE[1]
+        in_range = [((rstd >= low) & (rstd <= high)).all() for rstd in (outputs[2], outputs[4])]
+        if bool(torch.stack([torch.isfinite(loss), *in_range]).all()):
+            return loss.to(z_a.dtype)
+        _check_finite(z_a=z_a, z_b=z_b, weight=weight)
+        if bool(in_range[0] & in_range[1]):
+            return loss.to(z_a.dtype)  # finite statistics, a loss beyond float32 (huge weights): as PyTorch
+        if explicit:
+            name = "z_a" if not bool(in_range[0]) else "z_b"
+            raise ValueError(
+                f"{name}: backend='triton' keeps column statistics in float32, and a column of {name} is "
+                f"constant or has a spread (std) outside about [1e-15, 1e18 / sqrt(N)]; use backend='torch'"
+            )
+        # "auto" falls back to the PyTorch path, which scales each column first.
 
     _check_finite(z_a=z_a, z_b=z_b, weight=weight)
 
@@ -285,9 +330,14 @@ def nt_xent_loss(
     n = z_a.shape[0]
     dtype = _compute_dtype(z_a)
     with _without_autocast(z_a):
+        # Rows divided by powers of two near their largest magnitude (before and after the weight): u is
+        # bitwise the same, but the norms of rows near the dtype's range, or of denormals, neither overflow
+        # nor underflow. (The weighted rows overflow only for weights beyond half the dtype's range.)
         z = torch.cat([z_a, z_b]).to(dtype)
+        z = z / _power_of_two_near_peak(z, 1)
         if weight is not None:
             z = z * weight.to(dtype)
+            z = z / _power_of_two_near_peak(z, 1)
         u = F.normalize(z, dim=1)
         logits = (u @ u.T) / temperature
         self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)

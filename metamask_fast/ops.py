@@ -19,7 +19,9 @@ round once per element. For the norm, the CUDA kernels and the fallbacks accumul
 float64 inputs and in float32 for float32, float16 and bfloat16 inputs. The CPU kernels accumulate in
 float64 for every dtype: in C++ the wider sum is free (the pass is memory bound), whereas torch's own
 float64 reductions of float32 tensors are many times slower on the CPU, so the fallbacks do not follow it
-there.
+there. Instead, a norm whose squares may have overflowed or underflowed their sum's dtype (float32 or
+bfloat16 inputs summed in float32: a norm outside [1e-18, 1e18]; float64: outside [1e-150, 1e150]) is
+computed again in float64, in units of the largest magnitude (one device sync for the check).
 
 The compiled ops carry fake (meta) kernels, for ``torch.compile``, and ``global_norm`` an autograd formula,
 registered below; the sweeps run under ``torch.no_grad``.
@@ -106,8 +108,35 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     tensors = _check_tensor_list("global_norm", "tensors", tensors)
     if HAS_EXTENSION and tensors[0].device.type in _GLOBAL_NORM_DEVICES:
-        return torch.ops.metamask_fast.global_norm.default(tensors)
+        norm = torch.ops.metamask_fast.global_norm.default(tensors)
+        # The CPU kernel sums squares in float64, the CUDA kernel as the fallback (see the module docstring).
+        return _checked_norm(norm, tensors, float64_sums=norm.device.type == "cpu")
     return _global_norm_torch(tensors)
+
+
+def _checked_norm(norm: torch.Tensor, tensors: list[torch.Tensor], *, float64_sums: bool) -> torch.Tensor:
+    """``norm``, or, where its sum of squares may have overflowed or underflowed, the norm computed again
+    in units of the largest magnitude. Squares of float64 values leave float64 outside about
+    [1e-154, 1e154], squares of float32 and bfloat16 values leave float32 outside [1e-19, 1.8e19] (float16
+    squares always fit float32, and every float32 square fits float64): a norm outside [1e-150, 1e150],
+    resp. [1e-18, 1e18] (0, inf and nan included) is recomputed. One device sync where a check applies;
+    none while tracing, where the branch would depend on the data."""
+    dtype = tensors[0].dtype
+    if dtype == torch.float64:
+        bounds = (1e-150, 1e150)
+    elif dtype in (torch.float32, torch.bfloat16) and not float64_sums:
+        bounds = (1e-18, 1e18)
+    else:
+        return norm
+    if torch.compiler.is_compiling() or bool((norm > bounds[0]) & (norm < bounds[1])):
+        return norm
+    peaks = [t.detach().abs().amax() for t in tensors if t.numel()]
+    if not peaks:
+        return norm
+    peak = torch.stack(peaks).amax().double()
+    scale = torch.where(torch.isfinite(peak) & (peak > 0), peak, 1)  # nan and inf stay what they are
+    norms = torch._foreach_norm([t.double() / scale for t in tensors], 2)
+    return (torch.linalg.vector_norm(torch.stack(norms)) * scale).to(norm.dtype)
 
 
 def _global_norm_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -117,7 +146,7 @@ def _global_norm_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
     # torch's default: asking for any dtype, even their own, makes torch convert on the way, which is
     # slower on the CPU.
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
-    return torch.linalg.vector_norm(torch.stack(norms)).to(dtype)
+    return _checked_norm(torch.linalg.vector_norm(torch.stack(norms)), tensors, float64_sums=False).to(dtype)
 
 
 def _global_norm_fake(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -219,13 +248,24 @@ def add_scaled_(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor],
             _bump_versions(tensors)
             return
         tensors, others, alpha = _check_add_scaled("add_scaled_", tensors, others, alpha)
+        _check_no_internal_overlap("add_scaled_", "tensors", tensors)
         _check_no_overlap("add_scaled_", "tensors", tensors, "others", others, same_allowed=True)
         _check_no_cross_overlap("add_scaled_", "tensors", tensors, ("others", others))
         _add_scaled__torch(tensors, others, alpha)
 
 
 def _add_scaled__torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> None:
-    torch._foreach_add_(tensors, others, alpha=alpha)
+    scaled, alpha_kw = _alpha_times(tensors, others, alpha)
+    torch._foreach_add_(tensors, scaled, **alpha_kw)
+
+
+def _alpha_times(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float):
+    """``(others, alpha=alpha)`` for ``torch._foreach_add``, or, for float16 and bfloat16, ``(α others,
+    alpha=1)``: torch's add rounds ``alpha`` to the tensors' dtype (1e-6 is 1.3% off in float16, and
+    float16 cannot take 1e5 at all: RuntimeError), whereas its mul applies it in float32."""
+    if tensors[0].dtype in (torch.float16, torch.bfloat16) and alpha != 1:
+        return torch._foreach_mul(others, alpha), {"alpha": 1}
+    return others, {"alpha": alpha}
 
 
 def add_scaled(
@@ -260,6 +300,7 @@ def add_scaled(
             return _add_scaled_torch(tensors, others, alpha)
         out = _check_tensor_list("add_scaled", "out", out)
         _check_pairs("add_scaled", "tensors", tensors, "out", out)
+        _check_no_internal_overlap("add_scaled", "out", out)
         _check_no_overlap("add_scaled", "out", out, "tensors", tensors, same_allowed=True)
         _check_no_overlap("add_scaled", "out", out, "others", others, same_allowed=False)
         _check_no_cross_overlap("add_scaled", "out", out, ("tensors", tensors), ("others", others))
@@ -268,7 +309,8 @@ def add_scaled(
 
 
 def _add_scaled_torch(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
-    results = torch._foreach_add(tensors, others, alpha=alpha)
+    scaled, alpha_kw = _alpha_times(tensors, others, alpha)
+    results = torch._foreach_add(tensors, scaled, **alpha_kw)
     return [r if _dense(t) else r.contiguous() for r, t in zip(results, tensors)]
 
 
@@ -277,8 +319,9 @@ def _add_scaled_out_torch(
 ) -> None:
     """Fallback of ``add_scaled(..., out=out)``: ``out = x`` then ``out += α y``, the same rounding as
     ``x + α y``. Correct because ``out[i]`` is ``tensors[i]`` or does not overlap either input."""
+    scaled, alpha_kw = _alpha_times(tensors, others, alpha)
     torch._foreach_copy_(out, tensors)
-    torch._foreach_add_(out, others, alpha=alpha)
+    torch._foreach_add_(out, scaled, **alpha_kw)
 
 
 def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
@@ -297,6 +340,17 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
         return 0, 0
     span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + (span + 1) * t.itemsize
+
+
+def _check_no_internal_overlap(op: str, name: str, written: list[torch.Tensor]) -> None:
+    """No element of a written tensor may share memory with another of its elements (an expanded tensor):
+    the dense tensors of the compiled path never do, and torch's own error would not name the argument."""
+    for i, t in enumerate(written):
+        if torch._debug_has_internal_overlap(t) == 1:  # 1: MemOverlap::Yes (2: too hard to tell, left to torch)
+            raise ValueError(
+                f"{op}: elements of {name}[{i}] share memory (an expanded tensor, strides {t.stride()}); "
+                "pass a tensor with memory of its own (e.g. .clone())"
+            )
 
 
 def _check_no_overlap(
