@@ -56,7 +56,9 @@ at::Tensor global_norm_cpu(at::TensorList tensors) {
   for (const double p : partial) {
     total += p;
   }
-  return at::scalar_tensor(std::sqrt(total), tensors[0].options());
+  // Made in double and converted as a tensor: a norm beyond the dtype's range becomes inf, as in the
+  // fallback (scalar_tensor of a float dtype refuses a double it cannot represent).
+  return at::scalar_tensor(std::sqrt(total), tensors[0].options().dtype(at::kDouble)).to(tensors[0].scalar_type());
 }
 
 }  // namespace

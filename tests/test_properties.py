@@ -607,13 +607,7 @@ def test_global_norm_matches_reference(path, device, lists):
     dtype, (tensors,) = lists
     tensors = [on(t, device) for t in tensors]
     with ops_path(path):
-        try:
-            got = ops.global_norm(tensors)
-        except RuntimeError as error:
-            # The known bug of test_global_norm_beyond_float32_range_is_inf (C++ CPU kernel, float32 only).
-            if "without overflow" in str(error) and dtype == torch.float32 and tensors[0].device.type == "cpu":
-                return
-            raise
+        got = ops.global_norm(tensors)
     assert got.shape == () and got.dtype == dtype and got.device == tensors[0].device
     values = torch.cat([t.double().cpu().reshape(-1) for t in tensors])
     peak = values.abs().max().item() if values.numel() else 0.0
@@ -754,16 +748,9 @@ def test_half_precision_alpha_is_applied_in_float32(path, alpha, dtype):
         torch.testing.assert_close(result, want, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not ops.HAS_EXTENSION, reason=f"metamask_fast._C not loaded ({ops._EXTENSION_ERROR})")
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="csrc/global_norm_cpu.cpp builds its result with at::scalar_tensor(std::sqrt(total), options), a checked "
-    "conversion: a float32 norm beyond float32's range raises 'value cannot be converted to type float without "
-    "overflow' instead of giving inf (as the fallback, float16 and bfloat16 do)",
-)
 def test_global_norm_beyond_float32_range_is_inf():
-    """Found by test_global_norm_matches_reference (unpinned examples); the fix belongs in the C++ kernel."""
+    """Found by test_global_norm_matches_reference (unpinned examples): the C++ CPU kernel raised 'value cannot
+    be converted to type float without overflow' instead of giving inf."""
     assert ops.global_norm([torch.full((37,), -5.776e37)]).item() == math.inf
 
 
