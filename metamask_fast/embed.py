@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from metamask_fast.config import ConfigError, OneLineArgumentParser
-from metamask_fast.datasets import DatasetError
 from metamask_fast.export import write_embeddings
-from metamask_fast.runs import last_line, load_run, resolve_device, split_features
+from metamask_fast.runs import load_run, resolve_device, split_features
 
 PROG = "metamask_fast.embed"
 
@@ -53,9 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_embeddings(args.output, features, labels, names, csv=args.csv)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except DatasetError as error:  # an image that cannot be read
-        print(f"{PROG}: error: argument --data-dir: {last_line(error)}", file=sys.stderr)
         return 2
     except (FileExistsError, OSError, ValueError) as error:
         print(f"{PROG}: error: argument --output: {error}", file=sys.stderr)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from metamask_fast.config import ConfigError, OneLineArgumentParser
-from metamask_fast.datasets import DatasetError
 from metamask_fast.evaluate import LINEAR_PROBE_LR, linear_probe
-from metamask_fast.runs import last_line, load_run, resolve_device, split_features
+from metamask_fast.runs import load_run, resolve_device, split_features
 
 PROG = "metamask_fast.linear"
 # The labelled split a linear classifier is trained on (STL-10: its 5,000 labelled training images).
@@ -88,9 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                               seed=args.seed, device=device)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except DatasetError as error:  # an image that cannot be read
-        print(f"{PROG}: error: argument --data-dir: {last_line(error)}", file=sys.stderr)
         return 2
     result.pop("state", None)
     result.update(run=str(args.run), dataset=config.dataset, backbone=config.backbone, train_split=split,

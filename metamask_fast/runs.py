@@ -84,9 +84,12 @@ def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device
         raise ConfigError(f"argument --split: {error}") from None
     loader = evaluation_loader(config.dataset, images, config.image_size, workers, batch_size)
     features, flags = [], []
-    for batch, batch_labels in loader:
-        features.append(model.features(batch.to(device)).float().cpu())
-        flags.append(batch_labels)
+    try:
+        for batch, batch_labels in loader:
+            features.append(model.features(batch.to(device)).float().cpu())
+            flags.append(batch_labels)
+    except DatasetError as error:  # no image of the split can be read (single bad images are skipped)
+        raise ConfigError(f"argument --data-dir: {last_line(error)}") from None
     features, keep = torch.cat(features), torch.cat(flags) != UNREADABLE  # unreadable images are left out
     if isinstance(images.images, list):
         base = Path(root)
