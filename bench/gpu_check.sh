@@ -35,18 +35,13 @@ if [[ $rc -ne 0 ]]; then
     exit "$rc"
 fi
 
-# 2. The machine and the versions; from $OUT, so that the installed package is the one imported.
+# 2. The machine, the versions and the build: `python -m metamask_fast.info` from the repository root, which
+#    also checks that a source checkout runs the installed build (origin: checkout, compiled_ops loaded).
 {
     nvidia-smi || true
     command -v python pytest nvcc || true
     nvcc --version || true
-    (cd "$OUT" && timeout 20 python -c '
-import torch, triton, metamask_fast, metamask_fast.ops as ops
-print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
-print("metamask_fast from", metamask_fast.__file__)
-print("extension loaded:", ops.HAS_EXTENSION, getattr(ops, "_EXTENSION_ERROR", None))
-print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
-')
+    timeout 60 python -m metamask_fast.info
 } >"$OUT/env.txt" 2>&1 || true
 cat "$OUT/env.txt"
 

@@ -52,12 +52,24 @@ struct AvxLoops {
 #pragma GCC pop_options
 #endif
 
+// Whether this CPU runs the AVX loops (decided once per process).
+inline bool cpu_runs_avx_loops() {
+#ifdef METAMASK_FAST_AVX_LOOPS
+  static const bool has_avx = __builtin_cpu_supports("avx");
+  return has_avx;
+#else
+  return false;
+#endif
+}
+
+// The loops with_cpu_loops picks, by name: "avx" or "default" (reported by metamask_fast._C.cpu_loops()).
+inline const char* cpu_loops_name() { return cpu_runs_avx_loops() ? "avx" : "default"; }
+
 // Calls f(BaseLoops{}) or f(AvxLoops{}), whichever this CPU runs best.
 template <typename F>
 decltype(auto) with_cpu_loops(F&& f) {
 #ifdef METAMASK_FAST_AVX_LOOPS
-  static const bool has_avx = __builtin_cpu_supports("avx");
-  if (has_avx) {
+  if (cpu_runs_avx_loops()) {
     return f(AvxLoops{});
   }
 #endif

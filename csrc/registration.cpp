@@ -7,15 +7,27 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing metamask_fast._C only has to run the static registrations of this shared object, so the
-// Python module itself is empty. Plain CPython API (no pybind11) keeps the extension small.
+#include "cpu_loops.h"
+
+// Importing metamask_fast._C runs the static registrations of this shared object; the Python module itself
+// only reports which CPU loops the kernels picked (python -m metamask_fast.info shows it). Plain CPython API
+// (no pybind11) keeps the extension small.
+static PyObject* cpu_loops(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyUnicode_FromString(metamask_fast::cpu_loops_name());
+}
+
+static PyMethodDef methods[] = {
+    {"cpu_loops", cpu_loops, METH_NOARGS, "The CPU kernels' inner loops on this CPU: 'avx' or 'default'."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {
       PyModuleDef_HEAD_INIT,
       "_C",  // m_name
       "Compiled ops of metamask_fast; use them through torch.ops.metamask_fast or metamask_fast.ops.",
       -1,  // m_size: no per-module state
-      nullptr,  // m_methods
+      methods,  // m_methods
   };
   return PyModule_Create(&module);
 }

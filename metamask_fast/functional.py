@@ -21,9 +21,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from metamask_fast import _build
 from metamask_fast._checks import check_number
 
-__all__ = ["barlow_twins_loss", "nt_xent_loss"]
+__all__ = ["barlow_twins_loss", "nt_xent_loss", "bt_loss_backend"]
 
 _BACKENDS = ("auto", "torch", "triton")
 _NORMALIZATIONS = ("std", "bn")
@@ -51,7 +52,7 @@ def _resolve_backend(backend: str, z: torch.Tensor, *, has_triton_kernel: bool) 
         return "torch"
     if backend == "auto":
         # "auto" takes Triton only where it is the fast path (CUDA) and can run; it never raises.
-        suits = has_triton_kernel and z.is_cuda and z.dtype in _TRITON_DTYPES and _triton_problem(z) is None
+        suits = has_triton_kernel and z.is_cuda and z.dtype in _TRITON_DTYPES and _triton_problem(z.device) is None
         return "triton" if suits else "torch"
     if not has_triton_kernel:
         raise RuntimeError("backend='triton': this loss has no Triton kernel; use backend='torch' or 'auto'")
@@ -60,37 +61,59 @@ def _resolve_backend(backend: str, z: torch.Tensor, *, has_triton_kernel: bool) 
             f"z_a: backend='triton' takes float32, bfloat16 or float16 embeddings (it accumulates in "
             f"float32), got {z.dtype}; use backend='torch' for {z.dtype}"
         )
-    problem = _triton_problem(z)
+    problem = _triton_problem(z.device)
     if problem is not None:
-        raise RuntimeError(f"backend='triton' cannot run: {problem}; use backend='torch' or 'auto'")
+        raise RuntimeError(
+            f"backend='triton' cannot run on z_a ({z.device}): {problem}; use backend='torch' or 'auto'"
+        )
     return "triton"
 
 
-def _triton_problem(z: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot run on ``z``'s device (None when they can)."""
+def _triton_problem(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
+    status = _build.STATUS
+    if status is not None and status.problem is not None:
+        return f"metamask_fast.kernels is not available: {status.problem}"
     if importlib.util.find_spec("metamask_fast.kernels") is None:
-        # kernels/ becomes metamask_fast.kernels only when installed; a checkout on sys.path lacks it.
-        return (
-            "metamask_fast.kernels is missing: this metamask_fast is a source checkout (e.g. `python -m` run "
-            "from the repository root); run from another folder to import the installed package"
-        )
-    if z.device.type == "cpu":
+        return "metamask_fast.kernels is not installed; run `pip install .`"
+    if device.type == "cpu":
         from metamask_fast import _fused_loss
 
         if not _fused_loss.kernels_run_on_cpu():
             return (
-                "z_a is a CPU tensor; the kernels run on CUDA, or on the CPU in Triton's interpreter when "
-                "TRITON_INTERPRET=1 is set before the first Triton call (slow; for testing)"
+                "the kernels run on CUDA devices, or on the CPU in Triton's interpreter when TRITON_INTERPRET=1 "
+                "is set before the first Triton call (slow; for testing)"
             )
         return None
-    if not z.is_cuda:
-        return f"z_a is on {z.device}; the kernels run on CUDA devices"
-    capability = torch.cuda.get_device_capability(z.device)
+    if device.type != "cuda":
+        return f"the kernels run on CUDA devices, not on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
     if capability < (8, 0):
-        return f"z_a is on a GPU of compute capability {capability[0]}.{capability[1]}; the kernels need 8.0+"
+        return f"{device} has compute capability {capability[0]}.{capability[1]}; the kernels need 8.0+"
     return None
+
+
+def bt_loss_backend(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str | None]:
+    """The backend :func:`barlow_twins_loss` with ``backend="auto"`` runs for ``dtype`` embeddings on
+    ``device`` (``"triton"`` or ``"torch"``), and why it skips Triton (None when it does not). Where the
+    environment forces a backend that cannot run there, ``("error", the error's message)``."""
+    device = torch.device(device)
+    try:
+        backend = _resolve_backend("auto", torch.empty(0, dtype=dtype, device=device), has_triton_kernel=True)
+    except (RuntimeError, TypeError) as error:
+        return "error", str(error)
+    if backend == "triton":
+        return "triton", None
+    if os.environ.get("METAMASK_FAST_BACKEND") == "torch":
+        return "torch", "METAMASK_FAST_BACKEND=torch"
+    if dtype not in _TRITON_DTYPES:
+        return "torch", f"the kernels take float32, bfloat16 or float16 embeddings, not {dtype}"
+    problem = _triton_problem(device)
+    if problem is None:  # the interpreter on the CPU: only an explicit backend="triton" uses it
+        problem = "'auto' takes Triton on CUDA devices only; Triton's interpreter runs with backend='triton'"
+    return "torch", problem
 
 
 def _check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:

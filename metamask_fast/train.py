@@ -58,6 +58,8 @@ from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import DigitsSplit, load_digits_split
 from metamask_fast.datasets import DatasetError, ImageSet, load_images
 from metamask_fast.evaluate import extract_features, knn_top1_accuracy
+from metamask_fast.info import engine as engine_record
+from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel
 from metamask_fast.pipeline import DigitsBatches, ImageBatches, evaluation_loader
@@ -551,9 +553,10 @@ def _tensorboard(folder: Path):
 
 
 def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None, ctx: mmdist.DistContext,
-          started: float) -> dict:
+          started: float, engine: dict) -> dict:
     """Run (or continue) the training of ``config`` (resolved); returns the summary, also written to
-    ``folder/summary.json``. Raises :class:`Interrupted` after a signal (a checkpoint is written first)."""
+    ``folder/summary.json``. Raises :class:`Interrupted` after a signal (a checkpoint is written first).
+    ``engine`` (:func:`metamask_fast.info.engine`: what the run runs on) is recorded in both."""
     device = torch.device(config.device)
     main_process = ctx.is_main
     torch.manual_seed(config.seed)
@@ -632,6 +635,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
             "rng": _rng_state(),
             "finished": finished,
             "torch_version": str(torch.__version__),
+            "engine": engine,
         }
 
     def save_checkpoint(finished: bool = False) -> None:
@@ -769,6 +773,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         **_mask_statistics(model),
         "seconds": time.perf_counter() - started,
         "world_size": ctx.world_size,
+        "engine": engine,
     }
     if main_process:
         from metamask_fast.plots import write_plots
@@ -835,6 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "nothing to do")
             return 0
         data = load_data(config, device, ctx, origin)
+        engine = engine_record(config.device, config.precision)
         if ctx.is_main:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -844,12 +850,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             except OSError as error:
                 raise ConfigError(f"{_where(origin, 'output_dir')}: cannot write to {str(folder)!r}: "
                                   f"{error.strerror or error}") from None
+            print(f"{PROG}: {engine_line(engine)}", flush=True)  # first: a run never hides what it runs on
             print(cfg.to_yaml(config), end="")
             if checkpoint is not None:
                 print(f"{PROG}: resuming from {folder / CHECKPOINT} at epoch {checkpoint['epoch'] + 1}, "
                       f"step {checkpoint['step']}")
         mmdist.barrier()
-        summary = train(config, data, folder, checkpoint, ctx, started)
+        summary = train(config, data, folder, checkpoint, ctx, started, engine)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -83,6 +83,20 @@ def test_default_run_writes_a_complete_run_folder(tmp_path, capsys):
     assert "second_order: finite_difference" in printed  # the resolved config is printed
 
 
+def test_a_run_says_why_it_runs_without_compiled_ops(tmp_path, capsys, monkeypatch):
+    from metamask_fast import ops
+
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    monkeypatch.setattr(ops, "_EXTENSION_ERROR", "disabled by METAMASK_FAST_NO_EXT=1")
+    monkeypatch.setenv("METAMASK_FAST_BACKEND", "torch")
+    output_dir, summary = run_in_process(tmp_path, "--epochs", "1", "--method", "barlowtwins")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("metamask_fast.train: engine: compiled_ops: false (disabled by METAMASK_FAST_NO_EXT=1), "
+                            "bt_loss: torch (Triton skipped: METAMASK_FAST_BACKEND=torch), device: cpu ("), first
+    assert summary["engine"]["compiled_ops"] is False and summary["engine"]["bt_loss"] == "torch"
+    assert summary["engine"]["compiled_ops_why_not"] == "disabled by METAMASK_FAST_NO_EXT=1"
+
+
 @pytest.mark.parametrize("method", ["barlowtwins", "simclr"])
 def test_single_loss_methods_keep_the_mask_at_identity(tmp_path, method):
     output_dir, summary = run_in_process(tmp_path, "--method", method, "--epochs", "1", "--batch-size", "256")
