@@ -31,9 +31,10 @@ All arithmetic is float32 whatever the input dtype (float32, bfloat16, float16).
 precision per input dtype (:func:`dot_precision`): for float32 inputs ``"tf32x3"``, three TF32
 tensor-core products per float32 product, float32 accuracy (plain TF32 would round every operand to 10
 bits), so the kernels agree with a float64 reference to float32 rounding; for bfloat16 and float16 inputs,
-whose own rounding is coarser than TF32's, one ``"tf32"`` product. The loss itself (the sums over the
-diagonal and over the Frobenius partials) is reduced by one more kernel, in a fixed order, so results are
-deterministic. The host functions at the bottom launch the kernels; they hold no state and register
+whose own rounding is coarser than TF32's, one ``"tf32"`` product of operands rounded to the nearest TF32
+value first (:func:`_round_to_tf32`: the tensor cores would truncate them, a bias of about 1e-3 per
+product). The loss itself (the sums over the diagonal and over the Frobenius partials) is reduced by one
+more kernel, in a fixed order, so results are deterministic. The host functions at the bottom launch the kernels; they hold no state and register
 nothing (``metamask_fast._fused_loss`` turns them into a ``torch.library`` custom op with autograd).
 """
 
@@ -66,6 +67,30 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _round_to_tf32(x):
+    """``x`` (float32) rounded to the nearest TF32 value (10 mantissa bits, ties to even), by bit arithmetic.
+
+    Tensor cores given float32 operands at TF32 precision drop the low 13 mantissa bits (sm_90 ``wgmma .tf32``
+    truncates; Triton emits no rounding for plain ``"tf32"``). Truncation biases every product towards zero, so
+    the diagonal of ``aᵀb`` came out about 1e-3 small while ``Σ c_ii²`` is exact, and converged half-precision
+    inputs gave losses 1-5 % low. Rounded operands are exact TF32 values: the hardware keeps them as they are,
+    and the errors left are unbiased."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(x, y, DOT_PRECISION: tl.constexpr):
+    """``tl.dot(x, y)`` of float32 operands at ``DOT_PRECISION``, the operands of a ``"tf32"`` product first
+    rounded to nearest (:func:`_round_to_tf32`); ``"tf32x3"`` rounds its own splits."""
+    if DOT_PRECISION == "tf32":
+        x = _round_to_tf32(x)
+        y = _round_to_tf32(y)
+    return tl.dot(x, y, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _load_standardized(z_ptr, rows, cols, stride_n, stride_d, N, D, mean, scale):
     """``(z[rows, cols] - mean) * scale`` in float32; exactly 0 outside the (N, D) matrix."""
     inside = (rows < N)[:, None] & (cols < D)[None, :]
@@ -95,7 +120,7 @@ def _cross_tile(
         rows = start + tl.arange(0, BLOCK_N)
         x = _load_standardized(x_ptr, rows, cols_x, stride_xn, stride_xd, N, D, mean_x, scale_x)
         y = _load_standardized(y_ptr, rows, cols_y, stride_yn, stride_yd, N, D, mean_y, scale_y)
-        tile += tl.dot(tl.trans(x), y, input_precision=DOT_PRECISION)
+        tile += _dot(tl.trans(x), y, DOT_PRECISION)
     return tile
 
 
@@ -183,12 +208,12 @@ def _gram_kernel(
             scale = _column_scale(rstd_a_ptr, w_ptr, cols, D, HAS_WEIGHT)
             a_i = _load_standardized(za_ptr, rows_i, cols, stride_an, stride_ad, N, D, mean, scale)
             a_j = _load_standardized(za_ptr, rows_j, cols, stride_an, stride_ad, N, D, mean, scale)
-            acc_a += tl.dot(a_i, tl.trans(a_j), input_precision=DOT_PRECISION)
+            acc_a += _dot(a_i, tl.trans(a_j), DOT_PRECISION)
             mean = tl.load(mean_b_ptr + cols, mask=cols < D, other=0.0)
             scale = _column_scale(rstd_b_ptr, w_ptr, cols, D, HAS_WEIGHT)
             b_i = _load_standardized(zb_ptr, rows_i, cols, stride_bn, stride_bd, N, D, mean, scale)
             b_j = _load_standardized(zb_ptr, rows_j, cols, stride_bn, stride_bd, N, D, mean, scale)
-            acc_b += tl.dot(b_i, tl.trans(b_j), input_precision=DOT_PRECISION)
+            acc_b += _dot(b_i, tl.trans(b_j), DOT_PRECISION)
         base = split.to(tl.int64) * N * N
         inside = (rows_i < N)[:, None] & (rows_j < N)[None, :]
         upper = base + rows_i.to(tl.int64)[:, None] * N + rows_j[None, :]
@@ -223,7 +248,7 @@ def _gram_backward_kernel(
         gram_mask = (rows < N)[:, None] & (ks < N)[None, :]
         gram = tl.load(gram_o_ptr + rows.to(tl.int64)[:, None] * N + ks[None, :], mask=gram_mask, other=0.0)
         x_self = _load_standardized(z_self_ptr, ks, cols, stride_sn, stride_sd, N, D, mean_s, scale_s)
-        acc += tl.dot(gram, x_self, input_precision=DOT_PRECISION)
+        acc += _dot(gram, x_self, DOT_PRECISION)
     mean_o = tl.load(mean_o_ptr + cols, mask=cols < D, other=0.0)
     scale_o = _column_scale(rstd_o_ptr, w_ptr, cols, D, HAS_WEIGHT)
     x_other = _load_standardized(z_other_ptr, rows, cols, stride_on, stride_od, N, D, mean_o, scale_o)
@@ -298,7 +323,7 @@ def _cross_corr_backward_kernel(
             x_other = _load_standardized(z_other_ptr, rows, cols_j, stride_on, stride_od, N, D, mean_oj, scale_oj)
             inside = (rows < N)[:, None] & (cols_i < D)[None, :]
             t_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + cols_i[None, :]
-            t = tl.load(t_ptrs, mask=inside, other=0.0) + s * tl.dot(x_other, tile, input_precision=DOT_PRECISION)
+            t = tl.load(t_ptrs, mask=inside, other=0.0) + s * _dot(x_other, tile, DOT_PRECISION)
             tl.store(t_ptrs, t, mask=inside)
         tl.debug_barrier()
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,71 @@ def test_half_precision_inputs(dtype, shape):
     for got, want in zip(grads, want_grads):
         assert got.dtype == dtype and torch.isfinite(got).all()
         assert relative_error(got, want) <= HALF_TOLERANCE[dtype]
+
+
+def _tf32_truncated(x):
+    return (x.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _tf32_rounded(x):  # cvt.rna.tf32.f32: to nearest, ties away from zero
+    return ((x.astype(np.float32).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def hardware_dot(interpreter_dot):
+    """The interpreter's ``tl.dot`` replaced by what sm_90 tensor cores compute from float32 operands:
+    ``"tf32"`` truncates both operands to TF32 (``wgmma .tf32`` drops the low 13 mantissa bits), ``"tf32x3"``
+    sums ``big·big + big·small + small·big`` of operands split by round-to-nearest; float32 accumulation.
+    The interpreter itself computes every float32 dot exactly."""
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import TensorHandle
+
+    def dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        x, y = a.data, b.data
+        if x.dtype != np.float32 or input_precision == ir.INPUT_PRECISION.IEEE:
+            return interpreter_dot(self, a, b, acc, input_precision, max_num_imprecise_acc)
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            product = np.matmul(_tf32_truncated(x), _tf32_truncated(y), dtype=np.float32)
+        else:
+            x_big, y_big = _tf32_rounded(x), _tf32_rounded(y)
+            x_small, y_small = _tf32_rounded(x - x_big), _tf32_rounded(y - y_big)
+            product = sum(np.matmul(p, q, dtype=np.float32) for p, q in ((x_big, y_small), (x_small, y_big),
+                                                                          (x_big, y_big)))
+        return TensorHandle(product + acc.data, acc.dtype.scalar)
+
+    return dot
+
+
+# Converged views (C ≈ I, the regime where truncation hurt most), N ≫ D (tiled C path) and N < D (Gram path).
+HARDWARE_CASES = [(torch.float16, (512, 64)), (torch.bfloat16, (1024, 32)), (torch.float16, (40, 96)),
+                  (torch.bfloat16, (48, 160)), (torch.float32, (512, 64)), (torch.float32, (48, 160))]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulates the GPU's dot in Triton's interpreter")
+@pytest.mark.parametrize("dtype, shape", HARDWARE_CASES, ids=[f"{d}-N{n}-D{k}".replace("torch.", "")
+                                                              for d, (n, k) in HARDWARE_CASES])
+def test_loss_and_gradients_under_the_hardware_dot(dtype, shape, monkeypatch):
+    # Before operands were rounded, truncation gave losses 1.8e-3 to 4.6e-2 low here (float32 arithmetic
+    # otherwise exact to ~1e-6) and gradients up to 7 times the exact dot's error.
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    n, d = shape
+    generator = torch.Generator().manual_seed(11)
+    z_a = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    z_b = (z_a + 0.05 * torch.randn(n, d, generator=generator, dtype=torch.float64)).to(dtype)
+    z_a = z_a.to(dtype)
+    want_loss, want_grads = float64_reference(z_a, z_b, None, 5e-3, "std", upstream=1.0)
+
+    def run():
+        loss, *saved = kernels.barlow_twins_forward(z_a, z_b, None, 5e-3, True, 1e-5)  # the float32 loss
+        grads = kernels.barlow_twins_backward(torch.tensor(1.0), z_a, z_b, None, 5e-3, True, tuple(saved))[:2]
+        return relative_error(loss, want_loss), [relative_error(g, w) for g, w in zip(grads, want_grads)]
+
+    exact_loss, exact_grads = run()
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", hardware_dot(InterpreterBuilder.create_dot))
+    loss_error, grad_errors = run()
+    assert loss_error <= (1e-6 if dtype == torch.float32 else 5e-4), (loss_error, exact_loss)
+    for error, exact in zip(grad_errors, exact_grads):
+        assert error <= 1.1 * exact + 1e-6, (error, exact)
 
 
 @pytest.mark.parametrize("shape", [(37, 70), (64, 33)], ids=["N37-D70", "N64-D33"])
