@@ -10,6 +10,8 @@ kernels on the CPU).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,14 @@ def kernels_run_on_cpu() -> bool:
     return isinstance(kernels._column_stats_kernel, InterpretedFunction)
 
 
+def _launch_device(device: torch.device):
+    """The context to launch kernels for tensors on ``device`` in: Triton launches on the *current* CUDA
+    device, with its current stream, whatever device the tensors are on, and ``torch.library.custom_op``
+    adds no guard. Tensors on ``cuda:1`` while ``cuda:0`` is current (``model.to(rank)`` without
+    ``torch.cuda.set_device`` under torchrun) would otherwise meet an illegal memory access or a race."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _float32_like(z: Tensor, *shape: int) -> Tensor:
     return z.new_empty(shape, dtype=torch.float32)
 
@@ -34,7 +44,8 @@ def barlow_twins_fused(
     z_a: Tensor, z_b: Tensor, weight: Tensor | None, lambd: float, unbiased: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)``, all float32; see the kernels module."""
-    loss, *saved = kernels.barlow_twins_forward(z_a, z_b, weight, lambd, unbiased, eps)
+    with _launch_device(z_a.device):
+        loss, *saved = kernels.barlow_twins_forward(z_a, z_b, weight, lambd, unbiased, eps)
     gram_a, gram_b = saved[-2:]
     if gram_a.numel() == 0:  # tiled C path: two distinct empty outputs (custom ops may not alias outputs)
         saved[-1] = _float32_like(z_a, 0)
@@ -73,7 +84,8 @@ def barlow_twins_fused_backward(
     """``(∂/∂z_a, ∂/∂z_b, ∂/∂weight)``; the last is empty when ``weight`` is None."""
     saved = (mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)
     grad_loss = grad_loss.to(torch.float32).contiguous()
-    grad_a, grad_b, grad_w = kernels.barlow_twins_backward(grad_loss, z_a, z_b, weight, lambd, unbiased, saved)
+    with _launch_device(z_a.device):
+        grad_a, grad_b, grad_w = kernels.barlow_twins_backward(grad_loss, z_a, z_b, weight, lambd, unbiased, saved)
     return grad_a, grad_b, grad_w if grad_w is not None else z_a.new_empty(0)
 
 

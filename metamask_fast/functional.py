@@ -89,6 +89,8 @@ def _triton_problem(device: torch.device) -> str | None:
         return None
     if device.type != "cuda":
         return f"the kernels run on CUDA devices, not on {device.type}"
+    if torch.version.hip is not None:
+        return "this torch is a ROCm build; the kernels' float32 dots (input_precision='tf32x3') are NVIDIA-only"
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 0):
         return f"{device} has compute capability {capability[0]}.{capability[1]}; the kernels need 8.0+"
@@ -274,6 +276,11 @@ def barlow_twins_loss(
     ``C_ii`` costs O(ND) and ``‖C‖²_F`` is computed by the Gram path (N < D) or the tiled C path (N ≥ D),
     so no D × D tensor is ever built. float16 and bfloat16 inputs are computed in float32 (the unscaled
     Gram products overflow float16). Returns a scalar tensor of the inputs' dtype.
+
+    Under ``torch.compile`` the checks that need the values (non-finite inputs, and the Triton kernels'
+    float32 range of column statistics, which ``"auto"`` answers by falling back to PyTorch) are skipped:
+    a compiled call with NaN/Inf inputs or columns of extreme spread returns a non-finite or wrong loss
+    instead of raising. Shapes, dtypes and devices are still checked.
     """
     _check_embeddings(z_a, z_b)
     explicit = backend == "triton" or (backend == "auto" and os.environ.get("METAMASK_FAST_BACKEND") == "triton")
@@ -342,7 +349,8 @@ def nt_xent_loss(
         L = 1/(2N) Σ_i -log( exp(u_i·u_p(i)/τ) / Σ_{k≠i} exp(u_i·u_k/τ) )
 
     which equals the authors' ``½[CE([z0z1ᵀ, z0z0ᵀ - ∞I]/τ) + CE([z1z0ᵀ, z1z1ᵀ - ∞I]/τ)]``. float16 and
-    bfloat16 inputs are computed in float32. Returns a scalar tensor of the inputs' dtype.
+    bfloat16 inputs are computed in float32. Returns a scalar tensor of the inputs' dtype. Under
+    ``torch.compile`` the check for non-finite inputs is skipped (it needs the values).
     """
     _check_embeddings(z_a, z_b)
     _resolve_backend(backend, z_a, has_triton_kernel=False)

@@ -5,6 +5,7 @@ tests/conftest.py before Triton is first imported (and again below, for a run of
 Triton path itself; the ones that need a GPU say so and skip cleanly without one.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -362,6 +363,53 @@ def test_kernels_compile_for_the_h200():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 failures" in out.stdout and out.stdout.count("ok ") == 50
+
+
+def test_kernels_launch_inside_the_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device: forward and backward must make the tensors' device
+    # current around their launches (without a guard, cuda:1 tensors under a current cuda:0 crash).
+    entered, active = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        entered.append(device)
+        active.append(device)
+        yield
+        active.pop()
+
+    def launched_inside(launcher):
+        def launch(z_a, *args):
+            assert active == [z_a.device], (active, z_a.device)
+            return launcher(z_a, *args)
+        return launch
+
+    monkeypatch.setattr(_fused_loss, "_launch_device", recording_guard)
+    monkeypatch.setattr(kernels, "barlow_twins_forward", launched_inside(kernels.barlow_twins_forward))
+    real_backward = kernels.barlow_twins_backward
+    monkeypatch.setattr(kernels, "barlow_twins_backward",
+                        lambda grad, z_a, *args: launched_inside(lambda *a: real_backward(grad, *a))(z_a, *args))
+    z_a, z_b, weight = inputs((37, 70), weighted=True)
+    triton_loss_and_grads(z_a, z_b, weight, 5e-3, "std")
+    assert entered == [z_a.device, z_a.device] and active == []
+
+
+def test_the_launch_guard_makes_a_cuda_device_current(monkeypatch):
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made_current.append(device) or contextlib.nullcontext())
+    with _fused_loss._launch_device(torch.device("cuda", 1)):
+        pass
+    with _fused_loss._launch_device(torch.device("cpu")):
+        pass
+    assert made_current == [torch.device("cuda", 1)]
+
+
+def test_auto_never_picks_triton_on_rocm(monkeypatch):
+    # AMD's Triton backend rejects the float32 path's tf32x3 dots, and "auto" promises never to fail.
+    from metamask_fast.functional import _triton_problem
+
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    problem = _triton_problem(torch.device("cuda", 0))
+    assert problem is not None and "ROCm" in problem
 
 
 def test_metamask_step_on_the_triton_loss(monkeypatch):
