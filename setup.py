@@ -39,12 +39,16 @@ def _load_build_module():
 
 sources = sorted(glob.glob("csrc/*.cpp"))
 # ATen's at::parallel_for is a header-inlined OpenMP loop: without -fopenmp it compiles to a serial loop.
-extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+# -ffp-contract=off here and --fmad=false below: no contraction of a + b*c into one fused multiply-add. The
+# kernels promise the arithmetic of the PyTorch fallbacks operation for operation (each product and sum
+# rounded), so the CPU and CUDA kernels agree bitwise; GCC contracts by default on FMA targets, nvcc always.
+extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
 if CUDA_HOME is not None and os.environ.get("METAMASK_FAST_CUDA", "1") != "0":
     extension = CUDAExtension
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extra_compile_args["nvcc"] = [
         "-O3",
+        "--fmad=false",
         "-gencode=arch=compute_90,code=sm_90",
         "-gencode=arch=compute_90,code=compute_90",
     ]
@@ -69,6 +73,7 @@ class BuildExtensionWithRecord(BuildExtension):
             "torch": torch.__version__,
             "cuda_kernels": extension is CUDAExtension,
             "cuda_toolkit": CUDA_HOME if extension is CUDAExtension else None,
+            "cxx_flags": extra_compile_args["cxx"],
             "nvcc_flags": extra_compile_args.get("nvcc"),
             "built_from": str(ROOT),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

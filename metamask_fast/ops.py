@@ -15,13 +15,16 @@ loading the extension, so the fallbacks can be tested and timed on a machine whe
 :data:`HAS_EXTENSION` says whether it is loaded.
 
 Precision: results have the inputs' dtype. The elementwise ops compute float16 and bfloat16 in float32 and
-round once per element. For the norm, the CUDA kernels and the fallbacks accumulate in float64 for
-float64 inputs and in float32 for float32, float16 and bfloat16 inputs. The CPU kernels accumulate in
-float64 for every dtype: in C++ the wider sum is free (the pass is memory bound), whereas torch's own
-float64 reductions of float32 tensors are many times slower on the CPU, so the fallbacks do not follow it
-there. Instead, a norm whose squares may have overflowed or underflowed their sum's dtype (float32 or
-bfloat16 inputs summed in float32: a norm outside [1e-18, 1e18]; float64: outside [1e-150, 1e150]) is
-computed again in float64, in units of the largest magnitude (one device sync for the check).
+round once per element, without fused multiply-adds on any device (each product and sum rounded), so the
+CPU and CUDA kernels give the same bits. For the norm, the compiled kernels accumulate squares in float64
+for every dtype: in C++ the wider sum is free (the pass is memory bound), whereas torch's own float64
+reductions of float32 tensors are many times slower on the CPU, so the fallbacks keep float32 sums for
+float32, float16 and bfloat16 inputs. The CUDA kernel is right over the whole range by itself (float64
+inputs are summed in power-of-two units of each chunk's peak), so its path reads nothing back to the host.
+Elsewhere a norm whose squares may have overflowed or underflowed their sum's dtype (fallbacks, float32 or
+bfloat16 inputs: a norm outside [1e-18, 1e18]; float64 on the CPU kernel or a fallback: outside [1e-150,
+1e150]) is computed again in float64 in units of the largest magnitude, one tensor at a time (one device
+sync for the check; a float64 copy of one tensor at most).
 
 The compiled ops carry fake (meta) kernels, for ``torch.compile``, and ``global_norm`` an autograd formula,
 registered below; the sweeps run under ``torch.no_grad``.
@@ -109,8 +112,10 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     tensors = _check_tensor_list("global_norm", "tensors", tensors)
     if HAS_EXTENSION and tensors[0].device.type in _GLOBAL_NORM_DEVICES:
         norm = torch.ops.metamask_fast.global_norm.default(tensors)
-        # The CPU kernel sums squares in float64, the CUDA kernel as the fallback (see the module docstring).
-        return _checked_norm(norm, tensors, float64_sums=norm.device.type == "cpu")
+        # Only the CPU kernel's unscaled float64 sums of float64 squares need the check (module docstring).
+        if norm.device.type == "cpu":
+            return _checked_norm(norm, tensors, float64_sums=True)
+        return norm
     return _global_norm_torch(tensors)
 
 
@@ -135,7 +140,8 @@ def _checked_norm(norm: torch.Tensor, tensors: list[torch.Tensor], *, float64_su
         return norm
     peak = torch.stack(peaks).amax().double()
     scale = torch.where(torch.isfinite(peak) & (peak > 0), peak, 1)  # nan and inf stay what they are
-    norms = torch._foreach_norm([t.double() / scale for t in tensors], 2)
+    # One float64 copy at a time: this path runs on exactly the steps that must not run out of memory.
+    norms = [torch.linalg.vector_norm(t.to(torch.float64) / scale) for t in tensors]
     return (torch.linalg.vector_norm(torch.stack(norms)) * scale).to(norm.dtype)
 
 

@@ -10,7 +10,9 @@ import copy
 import itertools
 import math
 import re
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -570,6 +572,19 @@ def test_metamask_step_same_with_compiled_ops_and_fallbacks(monkeypatch):
     assert not torch.equal(compiled.mask.logits, model.mask.logits)
 
 
+def offset_view(n: int, device: str, generator: torch.Generator, offset: int = 1) -> torch.Tensor:
+    """``n`` float64 values starting ``offset`` elements into an allocation made on ``device``: 8 bytes in,
+    no vector path can take the view; 16 bytes in, the float64 vector path can. (Sliced on the device: moving
+    a view copies it to a fresh, aligned tensor.)"""
+    return torch.randn(n + offset, generator=generator, dtype=torch.float64).to(device)[offset:]
+
+
+def test_offset_views_stay_offset_on_their_device():
+    for offset in (1, 2):
+        view = offset_view(10, "cpu", torch.Generator().manual_seed(0), offset)
+        assert view.data_ptr() % 32 == 8 * offset and view.storage_offset() == offset
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU and the extension's CUDA kernels")
 def test_cuda_launch_splitting_and_misaligned_views():
     # More tensors than one launch holds, a tensor of more chunks than one launch holds, and views that
@@ -578,10 +593,10 @@ def test_cuda_launch_splitting_and_misaligned_views():
     sizes = [int(s) for s in torch.randint(1, 5000, (120,), generator=g)] + [13_000_001]
 
     def make():
-        return [torch.randn(n + 1, generator=g, dtype=torch.float64)[1:].to("cuda") if i % 7 == 3
+        return [offset_view(n, "cuda", g, 1 + i % 2) if i % 7 == 3
                 else torch.randn(n, generator=g, dtype=torch.float64).to("cuda") for i, n in enumerate(sizes)]
     params, grads, buffers = make(), make(), make()
-    assert any(t.data_ptr() % 32 for t in params)
+    assert {t.data_ptr() % 32 for t in params} == {0, 8, 16}
     settings = dict(momentum=0.9, dampening=0.1, weight_decay=5e-4, nesterov=False)
     got = ops.virtual_sgd_step(params, grads, buffers, lr=0.01, **settings)
     assert_close_to(got, loop_virtual_sgd(params, grads, buffers, 0.01, **settings), torch.float64)
@@ -589,3 +604,65 @@ def test_cuda_launch_splitting_and_misaligned_views():
     assert_close_to(ops.add_scaled(params, grads, 0.5), want, torch.float64)
     ops.add_scaled_(params, grads, 0.5)
     assert_close_to(params, want, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No fused multiply-add: every product and sum rounded on its own, on every device
+
+
+def numpy_virtual_sgd(p, g, b, lr, momentum, dampening, weight_decay, nesterov):
+    """SPEC §1 step 2 in numpy at the arrays' own precision: numpy rounds each product and each sum."""
+    f = p.dtype.type
+    d = g + f(weight_decay) * p if weight_decay else g
+    if momentum:
+        b = d if b is None else f(momentum) * b + f(1 - dampening) * d
+        d = d + f(momentum) * b if nesterov else b
+    return p - f(lr) * d
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compiled_kernels_round_every_operation(device, dtype):
+    # -1 + 3 * fl(1/3): 0 with a rounded product, 2.98e-8 in float32 with a fused multiply-add.
+    x, y = torch.tensor([-1.0], dtype=dtype, device=device), torch.tensor([1 / 3], dtype=dtype, device=device)
+    assert ops.add_scaled([x], [y], 3.0)[0].item() == 0.0
+    params, grads = fresh(dtype, device), fresh(dtype, device)
+    buffers = [None, *fresh(dtype, device)[1:]]
+    numpy = lambda tensors: [None if t is None else t.cpu().numpy() for t in tensors]  # noqa: E731
+    for got, p, o in zip(ops.add_scaled(params, grads, 0.37), numpy(params), numpy(grads)):
+        assert np.array_equal(got.cpu().numpy(), p + p.dtype.type(0.37) * o)
+    for settings in SETTINGS:
+        got = ops.virtual_sgd_step(params, grads, buffers, lr=0.013, **settings)
+        for out, p, g, b in zip(got, numpy(params), numpy(grads), numpy(buffers)):
+            assert np.array_equal(out.cpu().numpy(), numpy_virtual_sgd(p, g, b, 0.013, **settings)), settings
+
+
+def test_cuda_kernels_compile_without_fused_multiply_add(tmp_path):
+    # nvcc contracts a + b*c into fma unless told not to; the PTX of the CUDA sources, compiled with the
+    # installed build's own nvcc flags, must hold no fma (so that the GPU test above can hold).
+    import sysconfig
+    from pathlib import Path
+
+    from metamask_fast import _build
+
+    record = _build.STATUS.record or {}
+    if not record.get("nvcc_flags"):
+        pytest.skip("this build has no CUDA kernels (no CUDA toolkit at install time, or METAMASK_FAST_CUDA=0)")
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = Path(record["cuda_toolkit"]) / "bin" / "nvcc"
+    flags = [flag for flag in record["nvcc_flags"] if not flag.startswith("-gencode")]
+    includes = [f"-I{path}" for path in (*include_paths(), sysconfig.get_paths()["include"])]
+    defines = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+    sources = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
+    assert sources
+    for source in sources:
+        ptx = tmp_path / f"{source.stem}.ptx"
+        out = subprocess.run([str(nvcc), "-ptx", "-arch=compute_90", "-std=c++20", "--expt-relaxed-constexpr",
+                              *flags, *defines, *includes, str(source), "-o", str(ptx)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        text = ptx.read_text()
+        assert ".entry" in text and "fma.rn" not in text, source.name

@@ -252,3 +252,74 @@ def test_cuda_compiled_op():
     grads = [torch.randn(3, 4, dtype=torch.float64, device="cuda", requires_grad=True)]
     assert torch.autograd.gradcheck(lambda t: compiled([t]), grads)
     torch.library.opcheck(torch.ops.metamask_fast.global_norm.default, ([t.requires_grad_() for t in cuda[:3]],))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA path: right over the whole range by itself, and no host sync
+
+
+@requires_extension
+def test_a_compiled_norm_off_the_cpu_reads_nothing_back(monkeypatch):
+    # Meta tensors carry no values, so any read of the norm on the host (a range check: a sync on CUDA)
+    # raises. Off the CPU the wrapper must hand the compiled op's result back as it is.
+    monkeypatch.setattr(ops, "_GLOBAL_NORM_DEVICES", ops._GLOBAL_NORM_DEVICES | {"meta"})
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        tensors = [torch.empty(5, 3, device="meta", dtype=dtype), torch.empty(7, device="meta", dtype=dtype)]
+        norm = ops.global_norm(tensors)
+        assert norm.device.type == "meta" and norm.shape == () and norm.dtype == dtype
+
+
+# Values whose squares leave float32 (1e20, 1e-23) or float64 (1e200, 1e-200, denormals): the op itself,
+# through torch.ops and under torch.compile where no Python check runs, must still be right.
+EXTREMES = [(torch.float32, 1e20), (torch.float32, 1e-23), (torch.float32, 1e-44), (torch.float64, 1e200),
+            (torch.float64, 1e-200), (torch.float64, 1e-320), (torch.float64, 1e307), (torch.bfloat16, 1e30)]
+
+
+@requires_cuda
+@requires_extension
+@pytest.mark.parametrize("dtype, value", EXTREMES, ids=[f"{d}-{v:g}".replace("torch.", "") for d, v in EXTREMES])
+def test_cuda_op_is_right_at_the_ends_of_the_range(dtype, value):
+    x = torch.full((4,), value, dtype=dtype, device="cuda")
+    tensors = [x, torch.zeros(70_000, dtype=dtype, device="cuda"), x[:1]]  # several chunks
+    want = torch.linalg.vector_norm(torch.cat([t.cpu().double().flatten() for t in tensors])).to(dtype)
+    for norm in (compiled(tensors), torch.compile(ops.global_norm, fullgraph=True)(tensors)):
+        assert norm.dtype == dtype and torch.isfinite(norm).item()
+        assert norm.item() == pytest.approx(want.item(), rel=TOLERANCE[dtype])
+
+
+@requires_cuda
+@requires_extension
+def test_cuda_op_propagates_inf_and_nan_next_to_huge_values():
+    huge = torch.full((5,), 1e300, dtype=torch.float64, device="cuda")
+    for special in (float("inf"), float("nan")):
+        odd = torch.tensor([1.0, special], dtype=torch.float64, device="cuda")
+        got = compiled([huge, torch.zeros(40_000, dtype=torch.float64, device="cuda"), odd]).item()
+        assert (got == float("inf")) if special == float("inf") else (got != got)
+
+
+@requires_cuda
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_wrapper_does_not_sync(dtype):
+    tensors = odd_tensors(dtype, 3, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.global_norm(tensors)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+def test_fallback_recheck_copies_one_tensor_at_a_time(monkeypatch):
+    # The recheck of an out-of-range norm (here 1e30 in float32) used to hold float64 copies of every tensor
+    # at once; now at most one tensor's copy (and its scaled copy) at a time.
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    tensors = [torch.full((1 << 22,), 1e30 if i == 0 else 1.0, device="cuda") for i in range(8)]  # 16 MiB each
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    norm = ops.global_norm(tensors)
+    extra = torch.cuda.max_memory_allocated() - before
+    assert norm.item() == pytest.approx(1e30 * 2048, rel=1e-6)
+    assert extra <= 3 * (1 << 22) * 8, extra  # two float64 copies of one tensor, not eight

@@ -17,11 +17,14 @@
 // launches continues in the next one. A ResNet-18 (62 tensors, 11.7M values, 405 chunks) or ~80 tensors of
 // 14M values (~480 chunks) take 2 launches per call, whatever the op.
 // Within a block, threads move 4 elements at a time with vector loads/stores when every operand of the chunk
-// is aligned to 4 elements (always so for tensors at the start of an allocation); otherwise, and for the
-// last < 4 elements of a chunk, they fall back to scalar accesses. Empty tensors launch nothing.
+// is aligned to 4 elements, or 16 bytes for float64 (always so for tensors at the start of an allocation,
+// whose chunks are whole numbers of vectors); otherwise, and for the last < 4 elements of a chunk, they
+// fall back to scalar accesses. Empty tensors launch nothing.
 //
 // Precision: arithmetic in at::opmath_type, float32 for float16/bfloat16/float32 and float64 for float64;
-// each result is rounded once to the tensors' dtype. Inputs must be contiguous (checked), on one CUDA device.
+// each result is rounded once to the tensors' dtype. No fused multiply-add (setup.py builds with
+// --fmad=false): every product and sum is rounded as in the CPU kernels, which these match bitwise.
+// Inputs must be contiguous (checked), on one CUDA device.
 
 // Per-operator headers instead of ATen/ATen.h: they compile much faster.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
@@ -74,8 +77,10 @@ struct TensorListMeta {
   uint8_t block_tensor[kMaxBlocks];  // tensor slot of each block
 };
 
+// A thread's widest access is 16 bytes (ld.global.v4.f32, v2.f64): four doubles are two such accesses and
+// need 16-byte alignment, not 32, so views that start 16 bytes into an allocation keep the vector path.
 template <typename scalar_t>
-struct alignas(sizeof(scalar_t) * kVec) Vec {
+struct alignas(sizeof(scalar_t) * kVec < 16 ? sizeof(scalar_t) * kVec : 16) Vec {
   scalar_t v[kVec];
 };
 
@@ -136,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     if (p[k] != nullptr) {
       p[k] += begin;
       present |= 1u << k;
-      aligned = aligned && reinterpret_cast<uintptr_t>(p[k]) % sizeof(Vec<scalar_t>) == 0;
+      aligned = aligned && reinterpret_cast<uintptr_t>(p[k]) % alignof(Vec<scalar_t>) == 0;
     }
   }
 
