@@ -46,22 +46,18 @@ def barlow_twins_fused(
     """``(loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)``, all float32; see the kernels module."""
     with _launch_device(z_a.device):
         loss, *saved = kernels.barlow_twins_forward(z_a, z_b, weight, lambd, unbiased, eps)
-    gram_a, gram_b = saved[-2:]
-    if gram_a.numel() == 0:  # tiled C path: two distinct empty outputs (custom ops may not alias outputs)
-        saved[-1] = _float32_like(z_a, 0)
     return (loss, *saved)
 
 
 @barlow_twins_fused.register_fake
 def _barlow_twins_fused_fake(z_a, z_b, weight, lambd, unbiased, eps):
     n, d = z_a.shape
-    gram_side = n if kernels.use_gram_path(n, d) else 0
-    gram_shape = (gram_side, gram_side) if gram_side else (0,)
+    # Gram path: the two N × N Gram matrices; tiled C path: K = bᵀa (D × D) and an empty tensor.
+    saved_matrices = ((n, n), (n, n)) if kernels.use_gram_path(n, d) else ((d, d), (0,))
     return (
         _float32_like(z_a),
         *(_float32_like(z_a, d) for _ in range(5)),
-        _float32_like(z_a, *gram_shape),
-        _float32_like(z_a, *gram_shape),
+        *(_float32_like(z_a, *shape) for shape in saved_matrices),
     )
 
 

@@ -6,6 +6,7 @@ Triton path itself; the ones that need a GPU say so and skip cleanly without one
 """
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -94,6 +95,25 @@ def test_both_paths_on_the_same_shape(shape, gram):
     upstream = torch.tensor(UPSTREAM, device=DEVICE)
     grads = kernels.barlow_twins_backward(upstream, z_a, z_b, weight, 5e-3, True, tuple(saved))
     want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, "std")
+    assert relative_error(loss, want_loss) <= 1e-4
+    for got, want in zip(grads, want_grads):
+        assert relative_error(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("normalize", ["std", "bn"])
+@pytest.mark.parametrize("offset", [0.7, 300.0], ids=["offset0.7", "offset300"])
+def test_row_splits_match_float64(normalize, offset):
+    # N = 2600 over D = 40: the column statistics, the tiled backward's bᵀa and the standardisation's
+    # backward each split the rows into 5 slices (the last one shorter) and combine them; with a mean 300
+    # times the spread, Chan's combination of the slices' centred moments must not cancel.
+    generator = torch.Generator().manual_seed(8)
+    z_a = torch.randn(2600, 40, generator=generator, dtype=torch.float64) + offset
+    z_b = 0.5 * z_a + torch.randn(2600, 40, generator=generator, dtype=torch.float64)
+    weight = torch.rand(40, generator=generator, dtype=torch.float64) + 0.2
+    z_a, z_b, weight = (t.to(device=DEVICE, dtype=torch.float32) for t in (z_a, z_b, weight))
+    assert kernels._row_splits(2600, 1, kernels.STATS_BLOCK_N) == (5, 576)
+    loss, grads = triton_loss_and_grads(z_a, z_b, weight, 5e-3, normalize)
+    want_loss, want_grads = float64_reference(z_a, z_b, weight, 5e-3, normalize)
     assert relative_error(loss, want_loss) <= 1e-4
     for got, want in zip(grads, want_grads):
         assert relative_error(got, want) <= 1e-4
@@ -357,12 +377,48 @@ def test_gpu_peak_memory_has_no_d_by_d_tensor():
 
 def test_kernels_compile_for_the_h200():
     # Triton's compiler and ptxas run without a GPU: the interpreter above checks the math, this checks
-    # that every kernel (each dtype, with and without weight) becomes an sm_90 cubin within shared memory.
+    # that every kernel variant a real launch asks for (each dtype, with and without weight, the integer
+    # and pointer specialisations of real arguments) becomes an sm_90 cubin within shared memory, that the
+    # backward kernels do not spill registers, and that a ragged last batch compiles nothing new.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "compile_kernels_for_gpu.py")
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "0 failures" in out.stdout and out.stdout.count("ok ") == 50
+    variants = int(out.stdout.splitlines()[-1].split()[0])
+    assert out.stdout.endswith(f"{variants} variants, 0 failures\n") and out.stdout.count("ok   ") == variants
+    assert variants >= 80  # every kernel, dtype, weight and specialisation the launchers ask for
+
+
+class _RecordedKernel:
+    """Stands in for a kernel: records the grid of each launch instead of running it."""
+
+    def __init__(self, name, grids):
+        self.name, self.grids = name, grids
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append((self.name, math.prod(grid)))
+
+
+@pytest.mark.parametrize("shape", [(65536, 256), (16384, 512)], ids=["N65536-D256", "N16384-D512"])
+def test_row_reducing_kernels_fill_an_h100(shape, monkeypatch):
+    # The column statistics and the standardisation's backward used to launch cdiv(D, 64) programs over
+    # all N (N = 65,536, D = 256: 4 programs), the tiled path's forward (D / 64)² (16) and its backward
+    # cdiv(D, 32) (D = 512: 16), on a GPU of 132 streaming multiprocessors. The kernels that reduce over
+    # the rows now split them.
+    grids = []
+    for name, kernel in vars(kernels).items():
+        if name.endswith("_kernel") and hasattr(kernel, "__getitem__"):
+            monkeypatch.setattr(kernels, name, _RecordedKernel(name, grids))
+    n, d = shape
+    z_a, z_b = torch.empty(n, d), torch.empty(n, d)
+    loss, *saved = kernels.barlow_twins_forward(z_a, z_b, None, 5e-3, True, 1e-5)
+    kernels.barlow_twins_backward(torch.ones(()), z_a, z_b, None, 5e-3, True, tuple(saved))
+    busy = {"_column_stats_kernel", "_standardize_backward_sums_kernel", "_standardize_backward_kernel",
+            "_cross_product_kernel", "_cross_apply_kernel"}
+    assert busy <= {name for name, _ in grids}
+    for name, programs in grids:
+        if name in busy:
+            assert programs >= 132, (name, programs)
 
 
 def test_kernels_launch_inside_the_tensors_device(monkeypatch):
