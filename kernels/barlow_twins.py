@@ -146,6 +146,22 @@ def _kappa(diag_ptr, cols, D, N, lambd):
     return tl.where(cols < D, (-2.0 * (1.0 - diag) - 2.0 * lambd * diag) / N, 0.0)
 
 
+@triton.jit
+def _store_t(
+    out_ptr, acc, z_other_ptr, w_ptr, mean_o_ptr, rstd_o_ptr, diag_ptr, rows, cols,
+    stride_on, stride_od, N, D, lambd, HAS_WEIGHT: tl.constexpr,
+):
+    """Store the (rows, cols) tile of ``T_self = κ ⊙ other + s · acc``, ``acc`` the tile of ``other M``
+    (``M = otherᵀ self``) that a backward kernel accumulated, ``s = 2λ / N²``."""
+    mean_o = tl.load(mean_o_ptr + cols, mask=cols < D, other=0.0)
+    scale_o = _column_scale(rstd_o_ptr, w_ptr, cols, D, HAS_WEIGHT)
+    x_other = _load_standardized(z_other_ptr, rows, cols, stride_on, stride_od, N, D, mean_o, scale_o)
+    kappa = _kappa(diag_ptr, cols, D, N, lambd)
+    t = kappa[None, :] * x_other + (2.0 * lambd / N / N) * acc
+    inside = (rows < N)[:, None] & (cols < D)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], t, mask=inside)
+
+
 @_batch_kernel
 def _column_stats_kernel(
     za_ptr, zb_ptr, parts_ptr, N, D, stride_an, stride_ad, stride_bn, stride_bd, rows_per_split,
@@ -303,13 +319,8 @@ def _gram_backward_kernel(
         gram = tl.load(gram_o_ptr + rows.to(tl.int64)[:, None] * N + ks[None, :], mask=gram_mask, other=0.0)
         x_self = _load_standardized(z_self_ptr, ks, cols, stride_sn, stride_sd, N, D, mean_s, scale_s)
         acc += _dot(gram, x_self, DOT_PRECISION)
-    mean_o = tl.load(mean_o_ptr + cols, mask=cols < D, other=0.0)
-    scale_o = _column_scale(rstd_o_ptr, w_ptr, cols, D, HAS_WEIGHT)
-    x_other = _load_standardized(z_other_ptr, rows, cols, stride_on, stride_od, N, D, mean_o, scale_o)
-    kappa = _kappa(diag_ptr, cols, D, N, lambd)
-    t = kappa[None, :] * x_other + (2.0 * lambd / N / N) * acc
-    inside = (rows < N)[:, None] & (cols < D)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], t, mask=inside)
+    _store_t(out_ptr, acc, z_other_ptr, w_ptr, mean_o_ptr, rstd_o_ptr, diag_ptr, rows, cols,
+             stride_on, stride_od, N, D, lambd, HAS_WEIGHT)
 
 
 @_batch_kernel
@@ -368,13 +379,8 @@ def _cross_apply_kernel(
             m_offsets = cols_j.to(tl.int64)[:, None] * D + cols_i[None, :]
         m = tl.load(k_ptr + m_offsets, mask=inside, other=0.0)
         acc += _dot(x_other, m, DOT_PRECISION)
-    mean_oi = tl.load(mean_o_ptr + cols_i, mask=cols_i < D, other=0.0)
-    scale_oi = _column_scale(rstd_o_ptr, w_ptr, cols_i, D, HAS_WEIGHT)
-    x_other = _load_standardized(z_other_ptr, rows, cols_i, stride_on, stride_od, N, D, mean_oi, scale_oi)
-    kappa = _kappa(diag_ptr, cols_i, D, N, lambd)
-    t = kappa[None, :] * x_other + (2.0 * lambd / N / N) * acc
-    inside = (rows < N)[:, None] & (cols_i < D)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols_i[None, :], t, mask=inside)
+    _store_t(out_ptr, acc, z_other_ptr, w_ptr, mean_o_ptr, rstd_o_ptr, diag_ptr, rows, cols_i,
+             stride_on, stride_od, N, D, lambd, HAS_WEIGHT)
 
 
 @_batch_kernel
