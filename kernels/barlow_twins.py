@@ -519,8 +519,9 @@ def barlow_twins_forward(
     """Launch the forward kernels. Returns ``(loss, mean_a, rstd_a, mean_b, rstd_b, diag, gram_a, gram_b)``.
 
     Everything is float32; ``loss`` is a 0-d tensor. ``gram_a, gram_b`` are saved for the backward: the
-    N × N Gram matrices on the Gram path; on the tiled C path ``K = bᵀa`` (D × D) and an empty tensor. ``gram`` forces a path (``None``: :func:`use_gram_path`). ``z_a`` and
-    ``z_b`` may have any strides; the caller has validated shapes, dtypes and devices.
+    N × N Gram matrices on the Gram path; on the tiled C path ``K = bᵀa`` (D × D) and an empty tensor.
+    ``gram`` forces a path (``None``: :func:`use_gram_path`). ``z_a`` and ``z_b`` may have any strides;
+    the caller has validated shapes, dtypes and devices.
     """
     n, d = z_a.shape
     gram = use_gram_path(n, d) if gram is None else gram

@@ -251,9 +251,12 @@ def _text(report: dict) -> str:
             lines.append("  (none set)")
         for item in items:
             for i, (key, value) in enumerate(item.items()):
-                if isinstance(value, dict):
+                if isinstance(value, dict):  # the kernels each op registered
                     value = ", ".join(f"{k} [{', '.join(v) or 'none'}]" for k, v in value.items())
-                prefix = "  - " if isinstance(content, list) and i == 0 else "    " if isinstance(content, list) else "  "
+                if isinstance(content, list):  # one entry per device
+                    prefix = "  - " if i == 0 else "    "
+                else:
+                    prefix = "  "
                 lines.append(f"{prefix}{key}: {value}")
     return "\n".join(lines)
 
