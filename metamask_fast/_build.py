@@ -25,7 +25,7 @@ import json
 import multiprocessing
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 #: The file an installed build carries beside ``_C``: its fingerprint and how it was built.
@@ -98,7 +98,6 @@ class BuildStatus:
     build_dir: str | None = None
     record: dict | None = None
     problem: str | None = None
-    changed: list[str] = field(default_factory=list)
 
 
 class _BuildFinder(importlib.abc.MetaPathFinder):
@@ -153,7 +152,7 @@ def locate(package_dir: Path) -> BuildStatus:
     changed = changed_sources(record, root)
     if changed:
         return BuildStatus(
-            "checkout, stale build", str(package_dir), record=record, changed=changed,
+            "checkout, stale build", str(package_dir), record=record,
             problem=f"the installed build in {installed} was made from other sources than this checkout's "
                     f"({', '.join(changed)} differ); run `pip install .` to rebuild it",
         )
