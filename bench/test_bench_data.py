@@ -1,7 +1,7 @@
 """The trainer's input pipeline: how many two-view images per second it feeds a training step.
 
 CIFAR-shaped data (uint8 32×32 RGB images in memory, as the CIFAR reader returns them) through
-:class:`metamask_fast.pipeline.ImageBatches`: the SimCLR augmentation twice per image, seeded per sample,
+:class:`metamask_fast.data.pipeline.ImageBatches`: the SimCLR augmentation twice per image, seeded per sample,
 decoded and augmented in ``workers`` processes, batch 256. One round is one epoch of 8 batches (2,048
 images) after the workers have started. Compare ``images_per_second`` with the step's images/s in
 test_bench_step.py: the loader keeps the model busy when it is the larger of the two. With ``workers=0`` the
@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from metamask_fast.datasets import ImageSet
-from metamask_fast.pipeline import ImageBatches
+from metamask_fast.data import ImageSet
+from metamask_fast.data.pipeline import ImageBatches
 
 IMAGES, BATCH = 2048, 256
 WORKERS = sorted({0, 2, min(8, os.cpu_count() or 1)})

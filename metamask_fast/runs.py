@@ -14,7 +14,7 @@ import torch
 from metamask_fast import config as cfg
 from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import load_digits_split
-from metamask_fast.datasets import DatasetError, load_images
+from metamask_fast.data import DatasetError, load_images
 from metamask_fast.models import MetaMaskModel
 
 __all__ = ["load_run", "split_features", "resolve_device", "last_line"]
@@ -73,7 +73,7 @@ def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device
             digits.test_images, digits.test_labels)
         features = torch.cat([model.features(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
         return features, labels, [f"{split}/{i}" for i in range(len(labels))]
-    from metamask_fast.pipeline import UNREADABLE, evaluation_loader
+    from metamask_fast.data.pipeline import UNREADABLE, evaluation_loader
 
     root = data_dir or config.data_dir
     try:

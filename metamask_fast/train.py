@@ -6,7 +6,7 @@ SPEC §1) on the 1,437 training digits that scikit-learn ships, and evaluates th
 weighted kNN (cosine, k=200, T=0.1) on the 360 test digits, next to two references: raw pixels and the same
 network at its random initialisation. ``--config cifar10-authors`` is the authors' CIFAR-10 recipe,
 ``--config cifar10-fast`` a quicker one; ``--dataset cifar100|stl10|folder --data-dir DIR`` read other data
-(:mod:`metamask_fast.datasets`). Every setting is in :class:`metamask_fast.config.TrainConfig`;
+(:mod:`metamask_fast.data`). Every setting is in :class:`metamask_fast.config.TrainConfig`;
 ``--help`` lists them.
 
 The run folder (``--output-dir``, by default ``runs/<dataset>-<method>-<hash of the settings>``) gets
@@ -56,13 +56,13 @@ from metamask_fast import distributed as mmdist
 from metamask_fast.backbones import DigitsConvNet, cifar_resnet
 from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import DigitsSplit, load_digits_split
-from metamask_fast.datasets import DatasetError, ImageSet, load_images
+from metamask_fast.data import DatasetError, ImageSet, load_images
 from metamask_fast.evaluate import extract_features, knn_top1_accuracy
 from metamask_fast.info import engine as engine_record
 from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel
-from metamask_fast.pipeline import DigitsBatches, ImageBatches, evaluation_loader
+from metamask_fast.data.pipeline import DigitsBatches, ImageBatches, evaluation_loader
 from metamask_fast.runs import last_line
 
 __all__ = ["TrainConfig", "build_parser", "parse_config", "build_model", "train", "main", "knn_metric"]

@@ -2,7 +2,7 @@
 
 Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. The choice has to be made
 before Triton is first imported, and importing torchvision already imports it (metamask_fast.backbones and
-metamask_fast.datasets do), so tests/test_triton_loss.py setting it at its own import can come too late.
+metamask_fast.data do), so tests/test_triton_loss.py setting it at its own import can come too late.
 """
 
 import os

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metamask_fast.datasets import DatasetError, TwoViews, load_images, simclr_augmentation
+from metamask_fast.data import DatasetError, TwoViews, load_images, simclr_augmentation
 
 
 def coded_images(count: int, size: int, offset: int) -> np.ndarray:

@@ -20,9 +20,9 @@ import yaml
 from PIL import Image
 
 from metamask_fast import config as cfg
-from metamask_fast import pipeline
+from metamask_fast.data import pipeline
 from metamask_fast import train as train_module
-from metamask_fast.datasets import load_images, simclr_augmentation
+from metamask_fast.data import load_images, simclr_augmentation
 from metamask_fast.meta import MetaMaskStep
 from metamask_fast.train import main, parse_config
 

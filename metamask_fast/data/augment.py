@@ -1,90 +1,31 @@
-"""The embedded digits set, its fixed split, batched two-view augmentation and drop-last batching.
+"""The augmentation recipes: the digits' weak affine/contrast/noise views (whole batches of tensors) and
+SimCLR's views of PIL images (CIFAR, STL-10, image folders), with each dataset's normalisation.
 
-scikit-learn ships ``load_digits`` (1,797 greyscale 8×8 digits, values 0..16) inside the package, so the
-default training run needs no download. The images are scaled to ``[0, 1]`` and upsampled bilinearly to
-16×16 so that a small convolutional network has room for two stride-2 stages (SPEC §5).
-
-Augmentations run on whole batches of tensors (one ``affine_grid``/``grid_sample`` call per batch) and draw
-every random number from a caller-supplied ``torch.Generator``, so a run is reproducible from its seed.
+:class:`DigitAugmentation` draws every random number from a caller-supplied ``torch.Generator``, so a run is
+reproducible from its seed; :func:`simclr_augmentation` and :func:`eval_transform` are torchvision
+transforms, run per image in the loader processes (:mod:`metamask_fast.data.pipeline` seeds them per sample).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
 
-__all__ = [
-    "DIGITS_IMAGE_SIZE",
-    "DIGITS_SPLIT_SEED",
-    "DigitsSplit",
-    "load_digits_split",
-    "DigitAugmentation",
-    "shuffled_batches",
-]
+from metamask_fast.data.formats import DATASETS, ImageSet, pil_image
 
-DIGITS_IMAGE_SIZE = 16
-# The split never depends on the training seed: every run is evaluated on the same 360 test images.
-DIGITS_SPLIT_SEED = 0
-_DIGITS_MAX_VALUE = 16.0
+__all__ = ["DigitAugmentation", "simclr_augmentation", "eval_transform", "TwoViews"]
 
-
-@dataclass(frozen=True)
-class DigitsSplit:
-    """Train and test images (``float32 [N, 1, S, S]`` in ``[0, 1]``) with their ``int64 [N]`` labels."""
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return int(torch.cat([self.train_labels, self.test_labels]).max()) + 1
-
-    def to(self, device: torch.device | str) -> "DigitsSplit":
-        return DigitsSplit(*(t.to(device) for t in (self.train_images, self.train_labels,
-                                                       self.test_images, self.test_labels)))
-
-
-def load_digits_split(
-    test_fraction: float = 0.2, seed: int = DIGITS_SPLIT_SEED, image_size: int = DIGITS_IMAGE_SIZE
-) -> DigitsSplit:
-    """scikit-learn's digits, split stratified by class into train and test (1,437 / 360 by default).
-
-    Pixels are divided by 16 (their maximum) and the 8×8 images are resized to ``image_size`` with bilinear
-    interpolation (``align_corners=False``, so the image keeps its extent).
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not (
-        0.0 < test_fraction < 1.0
-    ):
-        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-
-    digits = load_digits()
-    train_x, test_x, train_y, test_y = train_test_split(
-        digits.images, digits.target, test_size=test_fraction, stratify=digits.target, random_state=seed
-    )
-
-    def to_images(pixels) -> torch.Tensor:
-        images = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / _DIGITS_MAX_VALUE
-        if images.shape[-1] != image_size:
-            images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
-        return images.clamp_(0.0, 1.0).contiguous()
-
-    def to_labels(targets) -> torch.Tensor:
-        return torch.as_tensor(targets, dtype=torch.int64)
-
-    return DigitsSplit(to_images(train_x), to_labels(train_y), to_images(test_x), to_labels(test_y))
+# Per-channel mean and std of each dataset's training images, for normalisation.
+_STATISTICS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, for arbitrary photographs
+}
 
 
 @dataclass(frozen=True)
@@ -169,19 +110,51 @@ class DigitAugmentation:
         return (jittered + noise_std * noise).clamp_(0.0, 1.0)
 
 
-def shuffled_batches(num_samples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index tensors of one epoch: a fresh permutation cut into ``num_samples // batch_size`` full batches.
+def simclr_augmentation(name: str, size: int) -> transforms.Compose:
+    """SimCLR's augmentation for a PIL image of dataset ``name``: random resized crop to ``size`` (scale 0.08
+    to 1), horizontal flip, colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale with p=0.2, Gaussian blur
+    with p=0.5 only from 64 px up (SimCLR leaves it out on CIFAR's 32 px), then the dataset's normalisation."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    steps = [
+        transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+    ]
+    if size >= 64:
+        kernel = 2 * (size // 20) + 1  # about a tenth of the image, odd
+        steps.append(transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    mean, std = _STATISTICS[name]
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
 
-    The incomplete last batch is dropped, so every batch has exactly ``batch_size`` samples: the
-    batch-standardised Barlow Twins loss needs N ≥ 2, and equal batches keep BatchNorm and the loss scale
-    the same from step to step. A different permutation each epoch means no sample is dropped for good.
-    """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= num_samples:
-        raise ValueError(f"batch_size must be an integer in [1, num_samples={num_samples}], got {batch_size!r}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    order = torch.randperm(num_samples, generator=generator, device=generator.device)
-    for start in range(0, num_samples - batch_size + 1, batch_size):
-        yield order[start:start + batch_size]
+
+def eval_transform(name: str, size: int) -> transforms.Compose:
+    """The evaluation view of a PIL image of dataset ``name``: resized (shorter side) and centre-cropped to
+    ``size`` when it is not already that size, then the dataset's normalisation. No randomness."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    mean, std = _STATISTICS[name]
+    return transforms.Compose([
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """``(view_0, view_1, label)`` per image of an :class:`ImageSet`: two independent draws of ``transform``
+    on the same image (label -1 where there is none)."""
+
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = pil_image(self.images, index)
+        label = -1 if self.images.labels is None else int(self.images.labels[index])
+        return self.transform(image), self.transform(image), label

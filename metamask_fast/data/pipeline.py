@@ -21,11 +21,12 @@ from typing import Iterator
 
 import torch
 
-from metamask_fast.data import DigitAugmentation, DigitsSplit
-from metamask_fast.datasets import DatasetError, ImageSet, eval_transform, pil_image, simclr_augmentation
+from metamask_fast.data.augment import DigitAugmentation, eval_transform, simclr_augmentation
+from metamask_fast.data.digits import DigitsSplit
+from metamask_fast.data.formats import DatasetError, ImageSet, pil_image
 
 __all__ = ["mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
-           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader"]
+           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader", "shuffled_batches"]
 
 
 def mix(*values: int) -> int:
@@ -194,3 +195,21 @@ def evaluation_loader(name: str, images: ImageSet, size: int, workers: int, batc
     """Batches of ``(images, labels)`` of a split in the evaluation transform, in the split's order."""
     return torch.utils.data.DataLoader(LabeledImages(images, eval_transform(name, size)), batch_size=batch_size,
                                        num_workers=workers)
+
+
+def shuffled_batches(num_samples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of one epoch: a fresh permutation cut into ``num_samples // batch_size`` full batches.
+
+    The incomplete last batch is dropped, so every batch has exactly ``batch_size`` samples: the
+    batch-standardised Barlow Twins loss needs N ≥ 2, and equal batches keep BatchNorm and the loss scale
+    the same from step to step. A different permutation each epoch means no sample is dropped for good.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= num_samples:
+        raise ValueError(f"batch_size must be an integer in [1, num_samples={num_samples}], got {batch_size!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    order = torch.randperm(num_samples, generator=generator, device=generator.device)
+    for start in range(0, num_samples - batch_size + 1, batch_size):
+        yield order[start:start + batch_size]

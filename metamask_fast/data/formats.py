@@ -1,4 +1,4 @@
-"""Image datasets read from disk in torchvision's own formats, and the two-view SimCLR augmentation.
+"""The on-disk formats: image datasets read from disk in torchvision's own layouts.
 
 - ``cifar10``: ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``, ``test_batch``), the
   pickles that ``torchvision.datasets.CIFAR10(data_dir, download=True)`` unpacks.
@@ -24,19 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torchvision import transforms
 
-__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "simclr_augmentation", "eval_transform", "pil_image", "TwoViews"]
+__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "pil_image"]
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 
-# Per-channel mean and std of each dataset's training images, for normalisation.
-_STATISTICS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, for arbitrary photographs
-}
 _DOWNLOADERS = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                 "stl10": torchvision.datasets.STL10}
 
@@ -207,40 +199,6 @@ def _folder(root: Path, split: str) -> ImageSet:
     return result
 
 
-def simclr_augmentation(name: str, size: int) -> transforms.Compose:
-    """SimCLR's augmentation for a PIL image of dataset ``name``: random resized crop to ``size`` (scale 0.08
-    to 1), horizontal flip, colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale with p=0.2, Gaussian blur
-    with p=0.5 only from 64 px up (SimCLR leaves it out on CIFAR's 32 px), then the dataset's normalisation."""
-    if name not in DATASETS:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
-    steps = [
-        transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-    ]
-    if size >= 64:
-        kernel = 2 * (size // 20) + 1  # about a tenth of the image, odd
-        steps.append(transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
-    mean, std = _STATISTICS[name]
-    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(steps)
-
-
-def eval_transform(name: str, size: int) -> transforms.Compose:
-    """The evaluation view of a PIL image of dataset ``name``: resized (shorter side) and centre-cropped to
-    ``size`` when it is not already that size, then the dataset's normalisation. No randomness."""
-    if name not in DATASETS:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
-    mean, std = _STATISTICS[name]
-    return transforms.Compose([
-        transforms.Resize(size),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
 def pil_image(images: ImageSet, index: int):
     """Image ``index`` of ``images`` as an RGB PIL image (read from disk for folders)."""
     from PIL import Image
@@ -253,19 +211,3 @@ def pil_image(images: ImageSet, index: int):
         except OSError as error:
             raise DatasetError(f"folder: cannot read image {item}: {error}") from None
     return Image.fromarray(item.permute(1, 2, 0).numpy())
-
-
-class TwoViews(torch.utils.data.Dataset):
-    """``(view_0, view_1, label)`` per image of an :class:`ImageSet`: two independent draws of ``transform``
-    on the same image (label -1 where there is none)."""
-
-    def __init__(self, images: ImageSet, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image = pil_image(self.images, index)
-        label = -1 if self.images.labels is None else int(self.images.labels[index])
-        return self.transform(image), self.transform(image), label
