@@ -243,6 +243,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def where(origin: dict[str, str], name: str) -> str:
+    """Where setting ``name`` came from, for an error message: ``origin``'s entry, else its flag."""
+    return origin.get(name, f"argument {flag(name)}")
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 

@@ -20,8 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamask_fast._checks import check_number
+from metamask_fast.config import TrainConfig
+from metamask_fast.data.pipeline import Data, evaluation_loader
+from metamask_fast.models import MetaMaskModel
 
-__all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features", "topk_accuracy", "linear_probe"]
+__all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features", "topk_accuracy", "linear_probe", "knn_metric",
+           "knn_accuracy", "batch_correlation"]
 
 # Queries are scored in chunks so that the [queries, train] similarity matrix stays small.
 _QUERY_CHUNK = 1024
@@ -333,3 +337,62 @@ def _linear_probe(train_features, train_labels, test_features, test_labels, *, e
             "bias": classifier.bias.detach().cpu().clone(),
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------- a run's kNN monitor
+
+
+def knn_metric(config: TrainConfig) -> str:
+    """The kNN monitor's metric name, which carries its protocol: ``knn_k200_t0.1_top1``."""
+    return f"knn_k{config.knn_k}_t{config.knn_temperature:g}_top1"
+
+
+@torch.no_grad()
+def _loader_features(model: MetaMaskModel, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        features, labels = [], []
+        for images, batch_labels in loader:
+            features.append(model.features(images.to(device, non_blocking=True)).float())
+            labels.append(batch_labels)
+        features, labels = torch.cat(features), torch.cat(labels).to(device)
+        keep = labels >= 0  # unreadable images (label -1) are left out of the evaluation
+        return features[keep], labels[keep]
+    finally:
+        model.train(was_training)
+
+
+def knn_accuracy(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> float | None:
+    """The kNN monitor (masked features, cosine, k, T of ``config``), or None without labelled splits."""
+    if data.digits is not None:
+        split = data.digits
+        return knn_top1_accuracy(
+            extract_features(model, split.train_images.to(device)), split.train_labels.to(device),
+            extract_features(model, split.test_images.to(device)), split.test_labels.to(device),
+            k=config.knn_k, temperature=config.knn_temperature,
+        )
+    if data.memory is None:
+        return None
+    workers = min(config.workers, 4)
+    train_features, train_labels = _loader_features(
+        model, evaluation_loader(config.dataset, data.memory, config.image_size, workers), device)
+    test_features, test_labels = _loader_features(
+        model, evaluation_loader(config.dataset, data.queries, config.image_size, workers), device)
+    return knn_top1_accuracy(train_features, train_labels, test_features, test_labels, k=config.knn_k,
+                             temperature=config.knn_temperature)
+
+
+@torch.no_grad()
+def batch_correlation(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """The Barlow Twins cross-correlation matrix (standardised embeddings, SPEC §1) of the two views of the
+    first training batch, evaluation mode: the matrix the redundancy loss drives towards the identity."""
+    was_training = model.training
+    model.eval()
+    try:
+        x0, x1 = next(iter(data.batches.epoch(0)))
+        z0, z1 = model(x0)[0].double(), model(x1)[0].double()
+        z0, z1 = ((z - z.mean(0)) / z.std(0).clamp_min(1e-12) for z in (z0, z1))
+        return (z0.T @ z1 / z0.shape[0]).float().cpu()
+    finally:
+        model.train(was_training)

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from metamask_fast._checks import check_number
+from metamask_fast.backbones import DigitsConvNet, cifar_resnet
+from metamask_fast.config import TrainConfig
 
-__all__ = ["DimensionalMask", "MetaMaskModel", "projection_head"]
+__all__ = ["DimensionalMask", "MetaMaskModel", "projection_head", "build_model"]
 
 
 class DimensionalMask(nn.Module):
@@ -107,3 +109,20 @@ class MetaMaskModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.features(x)
         return self.bt_head(h), self.cl_head(h)
+
+
+def build_model(config: TrainConfig) -> MetaMaskModel:
+    """The network of ``config`` (resolved): backbone, heads, and the mask (trained for metamask, fixed at 1
+    for the baselines)."""
+    in_channels = 1 if config.dataset == "digits" else 3
+    if config.backbone == "digits_convnet":
+        backbone = DigitsConvNet(in_channels=in_channels)
+    else:
+        backbone = cifar_resnet(int(config.backbone.removeprefix("resnet")), in_channels=in_channels)
+    feature_dim = backbone.feature_dim
+    if config.method == "metamask":
+        # The authors' mask: sigmoid of logits that start at 0, so every dimension starts at 0.5.
+        return MetaMaskModel(backbone, feature_dim, config.bt_dims, config.cl_dims, mask_init=0.0, sigmoid=True)
+    model = MetaMaskModel(backbone, feature_dim, config.bt_dims, config.cl_dims, mask_init=1.0, sigmoid=False)
+    model.mask.logits.requires_grad_(False)
+    return model

@@ -15,7 +15,7 @@ from metamask_fast import config as cfg
 from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import load_digits_split
 from metamask_fast.data import DatasetError, load_images
-from metamask_fast.models import MetaMaskModel
+from metamask_fast.models import MetaMaskModel, build_model
 
 __all__ = ["load_run", "split_features", "resolve_device", "last_line"]
 
@@ -35,8 +35,6 @@ def resolve_device(requested: str | None) -> torch.device:
 def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, MetaMaskModel]:
     """The settings (``config.yaml``) and the trained network (``backbone.pt``, ``mask.pt``) of a run
     folder, in evaluation mode on ``device``. The heads are not needed for evaluation and stay untrained."""
-    from metamask_fast.train import build_model  # the trainer's model, built from the same settings
-
     folder = Path(run_dir)
     for name in ("config.yaml", "backbone.pt", "mask.pt"):
         if not (folder / name).is_file():

@@ -34,13 +34,9 @@ network. As SPEC §5 found, training brings a random network to about raw-pixel 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import errno
 import json
 import math
-import os
-import random
 import signal
 import sys
 import time
@@ -49,36 +45,35 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm import tqdm
 
 from metamask_fast import config as cfg
 from metamask_fast import distributed as mmdist
-from metamask_fast.backbones import DigitsConvNet, cifar_resnet
 from metamask_fast.config import ConfigError, TrainConfig
-from metamask_fast.data import DigitsSplit, load_digits_split
-from metamask_fast.data import DatasetError, ImageSet, load_images
-from metamask_fast.evaluate import extract_features, knn_top1_accuracy
+from metamask_fast.data import DatasetError
+from metamask_fast.data.pipeline import Data, load_data
+from metamask_fast.evaluate import batch_correlation, knn_accuracy, knn_metric, knn_top1_accuracy
 from metamask_fast.info import engine as engine_record
 from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
-from metamask_fast.models import MetaMaskModel
-from metamask_fast.data.pipeline import DigitsBatches, ImageBatches, evaluation_loader
+from metamask_fast.models import MetaMaskModel, build_model
+from metamask_fast.reporting import Progress, mask_statistics, print_summary, tensorboard_writer
+from metamask_fast.runfolder import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    is_partial_write,
+    prepare_run_folder,
+    read_records,
+    rng_state,
+    save,
+    set_rng_state,
+    write_failure,
+    write_text,
+)
 from metamask_fast.runs import last_line
 
 __all__ = ["TrainConfig", "build_parser", "parse_config", "build_model", "train", "main", "knn_metric"]
 
 PROG = "metamask_fast.train"
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
-# What a run writes before its first checkpoint: a folder holding only these (for the same settings) is
-# restarted, anything else in a folder without a checkpoint is refused.
-_EARLY_FILES = {"config.yaml", "metrics.jsonl", "tensorboard"}
-_CHECKPOINT_KEYS = ("identity", "model", "net_optimizer", "mask_optimizer", "schedulers", "step_count", "epoch",
-                    "batch", "step", "sums", "counts", "best", "references", "training_seconds", "rng", "finished",
-                    "bad_steps")
-# Splits: self-supervised training, the kNN memory bank, the kNN queries.
-_SPLITS = {"cifar10": ("train", "train", "test"), "cifar100": ("train", "train", "test"),
-           "stl10": ("train+unlabeled", "train", "test"), "folder": ("train", "train", "test")}
 
 
 class RunStopped(Exception):
@@ -142,10 +137,6 @@ def parse_config(argv: Sequence[str] | None) -> tuple[TrainConfig, str | None, d
     return config, resume, origin
 
 
-def _where(origin: dict[str, str], name: str) -> str:
-    return origin.get(name, f"argument {cfg.flag(name)}")
-
-
 def _resolve_device(requested: str | None) -> str:
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,227 +156,6 @@ def _resolve_device(requested: str | None) -> str:
             f"argument --device: {requested!r} does not exist ({torch.cuda.device_count()} CUDA device(s))"
         )
     return str(device)
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass
-class Data:
-    """Training batches and the kNN monitor's labelled splits (``None`` when the dataset has no labels)."""
-
-    batches: DigitsBatches | ImageBatches
-    num_train: int
-    memory: DigitsSplit | ImageSet | None = None
-    queries: ImageSet | None = None
-    digits: DigitsSplit | None = None
-
-
-def load_data(config: TrainConfig, device: torch.device, ctx: mmdist.DistContext, origin) -> Data:
-    """The datasets of ``config`` (resolved). Missing or malformed files raise :class:`ConfigError`."""
-    if config.dataset == "digits":
-        split = load_digits_split()
-        data = Data(None, split.train_images.shape[0], digits=split)
-    else:
-        train_split, memory_split, query_split = _SPLITS[config.dataset]
-        where = _where(origin, "data_dir")
-        try:
-            images = load_images(config.dataset, config.data_dir, train_split, download=config.download)
-            memory = queries = None
-            if config.dataset != "folder" or (Path(config.data_dir) / "test").is_dir():
-                memory = load_images(config.dataset, config.data_dir, memory_split)
-                queries = load_images(config.dataset, config.data_dir, query_split)
-                if memory.labels is None or queries.labels is None:
-                    memory = queries = None
-        except DatasetError as error:
-            raise ConfigError(f"{where}: {error}") from None
-        data = Data(None, len(images), memory=memory, queries=queries)
-    if not 2 <= config.batch_size <= data.num_train:
-        raise ConfigError(f"{_where(origin, 'batch_size')}: must be between 2 and the training set size "
-                          f"{data.num_train}, got {config.batch_size}")
-    if config.batch_size % ctx.world_size:
-        raise ConfigError(f"{_where(origin, 'batch_size')}: must be a multiple of the number of processes "
-                          f"{ctx.world_size}, got {config.batch_size}")
-    memory_size = data.digits.train_images.shape[0] if data.digits is not None else (
-        len(data.memory) if data.memory is not None else None)
-    if memory_size is not None and config.knn_k > memory_size:
-        raise ConfigError(f"{_where(origin, 'knn_k')}: must be at most the {memory_size} labelled training "
-                          f"images, got {config.knn_k}")
-    if data.digits is not None:
-        data.batches = DigitsBatches(data.digits, config.batch_size, config.seed, device, ctx.rank, ctx.world_size)
-    else:
-        data.batches = ImageBatches(config.dataset, images, config.image_size, config.batch_size, config.seed, device,
-                                    config.workers, ctx.rank, ctx.world_size)
-    return data
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def build_model(config: TrainConfig) -> MetaMaskModel:
-    """The network of ``config`` (resolved): backbone, heads, and the mask (trained for metamask, fixed at 1
-    for the baselines)."""
-    in_channels = 1 if config.dataset == "digits" else 3
-    if config.backbone == "digits_convnet":
-        backbone = DigitsConvNet(in_channels=in_channels)
-    else:
-        backbone = cifar_resnet(int(config.backbone.removeprefix("resnet")), in_channels=in_channels)
-    feature_dim = backbone.feature_dim
-    if config.method == "metamask":
-        # The authors' mask: sigmoid of logits that start at 0, so every dimension starts at 0.5.
-        return MetaMaskModel(backbone, feature_dim, config.bt_dims, config.cl_dims, mask_init=0.0, sigmoid=True)
-    model = MetaMaskModel(backbone, feature_dim, config.bt_dims, config.cl_dims, mask_init=1.0, sigmoid=False)
-    model.mask.logits.requires_grad_(False)
-    return model
-
-
-def knn_metric(config: TrainConfig) -> str:
-    """The kNN monitor's metric name, which carries its protocol: ``knn_k200_t0.1_top1``."""
-    return f"knn_k{config.knn_k}_t{config.knn_temperature:g}_top1"
-
-
-# ---------------------------------------------------------------------------------------------- run folder
-
-
-def _default_output_dir(config: TrainConfig) -> Path:
-    return Path("runs") / f"{config.dataset}-{config.method}-{cfg.describe(config)}"
-
-
-def _read_checkpoint(path: Path, where: str) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"{where}: cannot read checkpoint {path} ({detail[:200]}); remove it or pass "
-                          "another --output-dir") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{where}: {path} is not a metamask_fast.train checkpoint")
-    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise ConfigError(f"{where}: {path} is incomplete (no {', '.join(missing)}); remove it or pass another "
-                          "--output-dir")
-    return checkpoint
-
-
-def _check_same_run(checkpoint: dict, config: TrainConfig, path: Path, where: str) -> None:
-    theirs, ours = checkpoint["identity"], cfg.identity(config)
-    differing = [f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} now" for key in ours if theirs.get(key) != ours[key]]
-    if differing:
-        raise ConfigError(f"{where}: {path} was written by a run with other settings ({'; '.join(differing[:3])}"
-                          f"{'; …' if len(differing) > 3 else ''}); use the same settings to resume it, or "
-                          "another --output-dir")
-
-
-def prepare_run_folder(config: TrainConfig, resume: str | None, origin) -> tuple[Path, dict | None]:
-    """The run folder and the checkpoint to continue from (None: a fresh start). Nothing is created or
-    changed here; every refusal is a :class:`ConfigError`.
-
-    A folder's own checkpoint always wins: re-running a command continues the folder it writes to, also a
-    command that first started it with ``--resume`` from another run's checkpoint."""
-    source = None
-    if resume is not None:
-        source = Path(resume)
-        if source.is_dir():
-            source = source / CHECKPOINT
-        if not source.is_file():
-            raise ConfigError(f"argument --resume: no checkpoint at {resume!r}")
-    folder = Path(config.output_dir) if config.output_dir else (
-        source.parent if source is not None else _default_output_dir(config))
-    where = _where(origin, "output_dir")
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{where}: {str(folder)!r} exists and is not a directory")
-    own = folder / CHECKPOINT
-    if own.is_file():
-        checkpoint = _read_checkpoint(own, where)
-        _check_same_run(checkpoint, config, own, where)
-        checkpoint["source_folder"] = str(folder)  # where its metrics.jsonl is (not saved again)
-        return folder, checkpoint
-    if source is not None:
-        checkpoint = _read_checkpoint(source, "argument --resume")
-        _check_same_run(checkpoint, config, source, "argument --resume")
-        if folder.is_dir() and not _only_early_files(folder, config):
-            raise ConfigError(f"{where}: {str(folder)!r} is not empty; resume into an empty folder")
-        checkpoint["source_folder"] = str(source.parent)
-        return folder, checkpoint
-    if folder.is_dir() and not _only_early_files(folder, config):
-        raise ConfigError(f"{where}: {str(folder)!r} is not empty and holds no checkpoint of this run; "
-                          "refusing to overwrite it")
-    return folder, None
-
-
-def _is_partial_write(path: Path) -> bool:
-    """A temporary file of :func:`_atomic_write` left by a process killed while writing."""
-    return path.name.startswith(".") and ".tmp-" in path.name
-
-
-def _only_early_files(folder: Path, config: TrainConfig) -> bool:
-    """Whether ``folder`` holds nothing or only what a run with these settings writes before its first
-    checkpoint (and partial writes of a killed one)."""
-    present = {p.name for p in folder.iterdir() if not _is_partial_write(p)}
-    return not present or (present <= _EARLY_FILES and _same_early_config(folder, config))
-
-
-def _same_early_config(folder: Path, config: TrainConfig) -> bool:
-    """Whether ``folder/config.yaml`` is the config of a run with these settings (stopped before its first
-    checkpoint)."""
-    try:
-        written = cfg.yaml.safe_load((folder / "config.yaml").read_text())
-        return cfg.identity(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in written.items()})) == cfg.identity(config)
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``: a reader
-    sees the old file or the complete new one, never a part. A failed write (a full disk) raises
-    ``OSError`` naming ``path``, and leaves the old file as it was and no temporary file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-    except RuntimeError as error:  # torch.save reports a failed write of its zip container this way
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(errno.EIO, f"write failed ({first[:200]})", str(path)) from error
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    with contextlib.suppress(OSError):
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def _write_failure(path: Path, error: OSError, step: int) -> str:
-    return (f"cannot write {path}: {error.strerror or error}; the checkpoint already in the run folder (if any) "
-            f"is intact, the run stopped at step {step}; make room or fix the folder, then run the same command "
-            "to resume")
-
-
-def _save(obj, path: Path) -> None:
-    _atomic_write(path, lambda file: torch.save(obj, file))
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda file: file.write(text.encode()))
-
-
-def _read_records(path: Path, up_to_step: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("step", math.inf) <= up_to_step:
-                records.append(record)
-    return records
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -421,27 +191,6 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _mask_statistics(model: MetaMaskModel) -> dict[str, float]:
-    with torch.no_grad():
-        mask = model.mask()
-        return {"mask_mean": mask.mean().item(), "mask_std": mask.std().item(),
-                "mask_min": mask.min().item(), "mask_max": mask.max().item()}
-
-
 def _weights_finite(model: MetaMaskModel) -> bool:
     """Whether every weight and buffer is finite (one pass per dtype through the compiled norm)."""
     from metamask_fast import ops
@@ -459,97 +208,6 @@ def _has_diverged(model: MetaMaskModel, images: torch.Tensor) -> bool:
         return True
     with torch.no_grad():
         return not all(torch.isfinite(z).all() for z in model(images))
-
-
-@torch.no_grad()
-def _loader_features(model: MetaMaskModel, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    try:
-        features, labels = [], []
-        for images, batch_labels in loader:
-            features.append(model.features(images.to(device, non_blocking=True)).float())
-            labels.append(batch_labels)
-        features, labels = torch.cat(features), torch.cat(labels).to(device)
-        keep = labels >= 0  # unreadable images (label -1) are left out of the evaluation
-        return features[keep], labels[keep]
-    finally:
-        model.train(was_training)
-
-
-def knn_accuracy(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> float | None:
-    """The kNN monitor (masked features, cosine, k, T of ``config``), or None without labelled splits."""
-    if data.digits is not None:
-        split = data.digits
-        return knn_top1_accuracy(
-            extract_features(model, split.train_images.to(device)), split.train_labels.to(device),
-            extract_features(model, split.test_images.to(device)), split.test_labels.to(device),
-            k=config.knn_k, temperature=config.knn_temperature,
-        )
-    if data.memory is None:
-        return None
-    workers = min(config.workers, 4)
-    train_features, train_labels = _loader_features(
-        model, evaluation_loader(config.dataset, data.memory, config.image_size, workers), device)
-    test_features, test_labels = _loader_features(
-        model, evaluation_loader(config.dataset, data.queries, config.image_size, workers), device)
-    return knn_top1_accuracy(train_features, train_labels, test_features, test_labels, k=config.knn_k,
-                             temperature=config.knn_temperature)
-
-
-@torch.no_grad()
-def batch_correlation(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> torch.Tensor:
-    """The Barlow Twins cross-correlation matrix (standardised embeddings, SPEC §1) of the two views of the
-    first training batch, evaluation mode: the matrix the redundancy loss drives towards the identity."""
-    was_training = model.training
-    model.eval()
-    try:
-        x0, x1 = next(iter(data.batches.epoch(0)))
-        z0, z1 = model(x0)[0].double(), model(x1)[0].double()
-        z0, z1 = ((z - z.mean(0)) / z.std(0).clamp_min(1e-12) for z in (z0, z1))
-        return (z0.T @ z1 / z0.shape[0]).float().cpu()
-    finally:
-        model.train(was_training)
-
-
-class _Progress:
-    """A tqdm bar with images/s and ETA on a terminal; plain lines every ``log_every`` steps otherwise."""
-
-    def __init__(self, config: TrainConfig, total: int, initial: int, images_per_step: int, enabled: bool):
-        self.config, self.total, self.images_per_step = config, total, images_per_step
-        self.enabled = enabled and config.progress
-        self.bar = None
-        self.started, self.start_step = time.perf_counter(), initial
-        if self.enabled and sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc=config.method, unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
-
-    def update(self, step: int, epoch: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.started
-        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}", img_s=f"{rate * self.images_per_step:.0f}",
-                                 refresh=False)
-        elif step % self.config.log_every == 0 or step == self.total:
-            eta = (self.total - step) / rate if rate > 0 else float("nan")
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-            print(f"{PROG}: epoch {epoch}/{self.config.epochs} step {step}/{self.total} loss {loss:.4g} "
-                  f"{rate * self.images_per_step:.0f} img/s eta {eta_text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
 
 
 def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None, ctx: mmdist.DistContext,
@@ -617,7 +275,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         sums, counts, best = dict(checkpoint["sums"]), dict(checkpoint["counts"]), checkpoint["best"]
         bad_steps = checkpoint["bad_steps"]
         references = dict(checkpoint["references"])
-        _set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"])
 
     def state(finished: bool, seconds: float | None = None) -> dict:
         return {
@@ -632,7 +290,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
             "epoch": epoch, "batch": batch, "step": step,
             "sums": sums, "counts": counts, "best": best, "references": references, "bad_steps": bad_steps,
             "training_seconds": training_seconds + time.perf_counter() - resumed_at if seconds is None else seconds,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "finished": finished,
             "torch_version": str(torch.__version__),
             "engine": engine,
@@ -641,20 +299,20 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
     def save_checkpoint(finished: bool = False) -> None:
         if main_process:
             try:
-                _save(state(finished), folder / CHECKPOINT)
+                save(state(finished), folder / CHECKPOINT)
             except OSError as error:
-                raise RunStopped(_write_failure(folder / CHECKPOINT, error, step)) from None
+                raise RunStopped(write_failure(folder / CHECKPOINT, error, step)) from None
         mmdist.barrier()
 
     # The records up to the checkpoint: those of a killed run past it are redone. Resuming into a new
     # folder starts from the source run's records.
     source = Path(checkpoint["source_folder"]) if checkpoint is not None else folder
-    records = _read_records(source / "metrics.jsonl", step) if main_process else []
+    records = read_records(source / "metrics.jsonl", step) if main_process else []
     if main_process:
-        _write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    writer = _tensorboard(folder) if main_process else None
+        write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    writer = tensorboard_writer(folder) if main_process else None
     images_per_step = config.batch_size
-    progress = _Progress(config, config.epochs * batches_per_epoch, step, images_per_step, main_process)
+    progress = Progress(config, config.epochs * batches_per_epoch, step, images_per_step, main_process)
     resumed_at = time.perf_counter()
     model.train()
     try:
@@ -715,7 +373,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                     record["skipped_steps"] = int(sums["skipped"])
                 if mask_optimizer is not None:
                     record["mask_lr"] = mask_optimizer.param_groups[0]["lr"]
-                record.update(_mask_statistics(model))
+                record.update(mask_statistics(model))
                 seconds = time.perf_counter() - epoch_started
                 # The batches this process ran (after a resume, part of the epoch).
                 ran = (batches_per_epoch - first_batch) * images_per_step
@@ -770,7 +428,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         f"{metric}_best": best,
         **references,
         "training_seconds": training_seconds + time.perf_counter() - resumed_at,
-        **_mask_statistics(model),
+        **mask_statistics(model),
         "seconds": time.perf_counter() - started,
         "world_size": ctx.world_size,
         "engine": engine,
@@ -779,15 +437,15 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
         from metamask_fast.plots import write_plots
 
         try:
-            _save(model.backbone.state_dict(), folder / "backbone.pt")
-            _save(model.mask.state_dict(), folder / "mask.pt")
-            _write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+            save(model.backbone.state_dict(), folder / "backbone.pt")
+            save(model.mask.state_dict(), folder / "mask.pt")
+            write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
             if records:  # a run resumed from a lone final checkpoint has none
                 write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
                             correlation=batch_correlation(model, data, config, device))
-            _save(state(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
+            save(state(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
         except OSError as error:
-            raise RunStopped(_write_failure(Path(error.filename or folder), error, step)) from None
+            raise RunStopped(write_failure(Path(error.filename or folder), error, step)) from None
     mmdist.barrier()
     return summary
 
@@ -800,20 +458,6 @@ def _stop_requested(stopper: _Stopper, ctx: mmdist.DistContext) -> bool:
     flag = torch.tensor([float(requested)], device=ctx.device if ctx.device.startswith("cuda") else "cpu")
     torch.distributed.all_reduce(flag)
     return bool(flag.item())
-
-
-def _print_summary(summary: dict, config: TrainConfig, folder: Path) -> None:
-    metric = knn_metric(config)
-    protocol = f"kNN top-1 (k={config.knn_k}, T={config.knn_temperature:g}, cosine, masked features)"
-    if summary.get(f"{metric}_last") is not None:
-        print(f"{protocol}:")
-        for label, key in (("raw pixels", "knn_raw_pixels"), ("network at random init", "knn_random_init")):
-            if key in summary:
-                print(f"  {label:<32}{100 * summary[key]:6.2f}%")
-        trained = f"{config.method} after {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
-        print(f"  {trained:<32}{100 * summary[f'{metric}_last']:6.2f}%  (best {100 * summary[f'{metric}_best']:.2f}%)")
-    print(f"{summary['seconds']:.1f} s in this process ({summary['training_seconds']:.1f} s of training in all, "
-          f"resumed runs included); run folder: {folder}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -844,11 +488,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ctx.is_main:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                for partial in [p for p in folder.iterdir() if _is_partial_write(p)]:
+                for partial in [p for p in folder.iterdir() if is_partial_write(p)]:
                     partial.unlink()  # a write cut short by a kill; the complete file it was replacing is kept
-                _write_text(folder / "config.yaml", cfg.to_yaml(config))
+                write_text(folder / "config.yaml", cfg.to_yaml(config))
             except OSError as error:
-                raise ConfigError(f"{_where(origin, 'output_dir')}: cannot write to {str(folder)!r}: "
+                raise ConfigError(f"{cfg.where(origin, 'output_dir')}: cannot write to {str(folder)!r}: "
                                   f"{error.strerror or error}") from None
             print(f"{PROG}: {engine_line(engine)}", flush=True)  # first: a run never hides what it runs on
             print(cfg.to_yaml(config), end="")
@@ -878,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         mmdist.shutdown()
     if ctx.is_main:
-        _print_summary(summary, config, folder)
+        print_summary(summary, config, folder)
     return 0
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metamask_fast import train as train_module
+from metamask_fast import runfolder
 from metamask_fast.train import main
 
 # 2 epochs of 5 steps on the digits, a checkpoint after every step.
@@ -88,12 +88,12 @@ def test_a_write_cut_short_by_a_kill_leaves_the_previous_checkpoint(tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from metamask_fast.train import _atomic_write\n"
+        "from metamask_fast.runfolder import atomic_write\n"
         "def write(f):\n"
         "    f.write(b'half of a new one')\n"
         "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"_atomic_write(Path({str(target)!r}), write)\n"
+        f"atomic_write(Path({str(target)!r}), write)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL
@@ -135,7 +135,7 @@ def test_a_full_disk_at_checkpoint_time_stops_cleanly_and_keeps_the_previous_che
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(train_module.os, "fsync", fsync)
+    monkeypatch.setattr(runfolder.os, "fsync", fsync)
     code = main([*ARGS, "--output-dir", str(folder)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "No space left on device" in err and "checkpoint.pt" in err

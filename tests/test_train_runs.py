@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from metamask_fast import config as cfg
+from metamask_fast import evaluate, models, reporting, runfolder
 from metamask_fast.data import pipeline
 from metamask_fast import train as train_module
 from metamask_fast.data import load_images, simclr_augmentation
@@ -75,7 +76,8 @@ def test_every_setting_is_a_flag_and_a_yaml_key(tmp_path):
 def test_every_setting_is_consumed():
     """Each field is read (``config.<name>``) by the code that runs a training, so none is silently
     ignored. (The config module itself, where every field is checked, does not count.)"""
-    source = "".join(inspect.getsource(module) for module in (train_module, pipeline))
+    modules = (train_module, pipeline, runfolder, reporting, evaluate, models)
+    source = "".join(inspect.getsource(module) for module in modules)
     unused = [f.name for f in dataclasses.fields(cfg.TrainConfig) if f"config.{f.name}" not in source]
     assert unused == []
 

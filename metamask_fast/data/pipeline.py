@@ -15,18 +15,23 @@ batches keep BatchNorm and the Barlow Twins statistics comparable from step to s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from metamask_fast import config as cfg
+from metamask_fast import distributed as mmdist
+from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data.augment import DigitAugmentation, eval_transform, simclr_augmentation
-from metamask_fast.data.digits import DigitsSplit
-from metamask_fast.data.formats import DatasetError, ImageSet, pil_image
+from metamask_fast.data.digits import DigitsSplit, load_digits_split
+from metamask_fast.data.formats import DatasetError, ImageSet, load_images, pil_image
 
 __all__ = ["mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
-           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader", "shuffled_batches"]
+           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader", "shuffled_batches", "Data", "load_data"]
 
 
 def mix(*values: int) -> int:
@@ -213,3 +218,60 @@ def shuffled_batches(num_samples: int, batch_size: int, generator: torch.Generat
     order = torch.randperm(num_samples, generator=generator, device=generator.device)
     for start in range(0, num_samples - batch_size + 1, batch_size):
         yield order[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------- a run's data
+
+
+# Splits: self-supervised training, the kNN memory bank, the kNN queries.
+_SPLITS = {"cifar10": ("train", "train", "test"), "cifar100": ("train", "train", "test"),
+           "stl10": ("train+unlabeled", "train", "test"), "folder": ("train", "train", "test")}
+
+
+@dataclasses.dataclass
+class Data:
+    """Training batches and the kNN monitor's labelled splits (``None`` when the dataset has no labels)."""
+
+    batches: DigitsBatches | ImageBatches
+    num_train: int
+    memory: DigitsSplit | ImageSet | None = None
+    queries: ImageSet | None = None
+    digits: DigitsSplit | None = None
+
+
+def load_data(config: TrainConfig, device: torch.device, ctx: mmdist.DistContext, origin) -> Data:
+    """The datasets of ``config`` (resolved). Missing or malformed files raise :class:`ConfigError`."""
+    if config.dataset == "digits":
+        split = load_digits_split()
+        data = Data(None, split.train_images.shape[0], digits=split)
+    else:
+        train_split, memory_split, query_split = _SPLITS[config.dataset]
+        where = cfg.where(origin, "data_dir")
+        try:
+            images = load_images(config.dataset, config.data_dir, train_split, download=config.download)
+            memory = queries = None
+            if config.dataset != "folder" or (Path(config.data_dir) / "test").is_dir():
+                memory = load_images(config.dataset, config.data_dir, memory_split)
+                queries = load_images(config.dataset, config.data_dir, query_split)
+                if memory.labels is None or queries.labels is None:
+                    memory = queries = None
+        except DatasetError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        data = Data(None, len(images), memory=memory, queries=queries)
+    if not 2 <= config.batch_size <= data.num_train:
+        raise ConfigError(f"{cfg.where(origin, 'batch_size')}: must be between 2 and the training set size "
+                          f"{data.num_train}, got {config.batch_size}")
+    if config.batch_size % ctx.world_size:
+        raise ConfigError(f"{cfg.where(origin, 'batch_size')}: must be a multiple of the number of processes "
+                          f"{ctx.world_size}, got {config.batch_size}")
+    memory_size = data.digits.train_images.shape[0] if data.digits is not None else (
+        len(data.memory) if data.memory is not None else None)
+    if memory_size is not None and config.knn_k > memory_size:
+        raise ConfigError(f"{cfg.where(origin, 'knn_k')}: must be at most the {memory_size} labelled training "
+                          f"images, got {config.knn_k}")
+    if data.digits is not None:
+        data.batches = DigitsBatches(data.digits, config.batch_size, config.seed, device, ctx.rank, ctx.world_size)
+    else:
+        data.batches = ImageBatches(config.dataset, images, config.image_size, config.batch_size, config.seed, device,
+                                    config.workers, ctx.rank, ctx.world_size)
+    return data
