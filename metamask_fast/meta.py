@@ -3,18 +3,19 @@
 ``MetaMaskStep.step(x0, x1)`` runs SPEC §1 in its faithful order. With θ the network weights, ``M`` the
 mask, ``L = L_bt + w_cl · L_cl`` and η, μ, wd the network optimizer's lr, momentum and weight decay:
 
-1. ``θ_{t+1} = SGD(θ_t, ∇_θ L(θ_t, M))``; the mask gets no gradient from ``L``.
+1. ``θ_{t+1} = SGD(θ_t, ∇_θ L(θ_t, M))``; the mask gets no gradient from ``L``
+   (:meth:`MetaMaskStep._regular_step`).
 2. ``g = ∇_θ L_cl(θ_{t+1}, M)``; virtual weights ``θ' = θ_{t+1} - η · (μ · buf + g + wd · θ_{t+1})``
    (the update SGD would make, without touching its momentum buffers; weights with no ``L_cl`` gradient,
-   the Barlow Twins head, keep ``θ' = θ_{t+1}``).
-3. Direct term ``∂_m L_cl(θ', M)`` and ``v = ∇_θ' L_cl(θ', M)``.
+   the Barlow Twins head, keep ``θ' = θ_{t+1}``) (:meth:`MetaMaskStep._virtual_step`).
+3. Direct term ``∂_m L_cl(θ', M)`` and ``v = ∇_θ' L_cl(θ', M)`` (:meth:`MetaMaskStep._outer_gradient`).
 4. ``second_order="finite_difference"``: ``R = r / ‖v‖``,
    ``HVP ≈ (∂_m L_cl(θ_{t+1} + R v, M) - ∂_m L_cl(θ_{t+1} - R v, M)) / 2R`` and the mask gradient is
    ``direct - η · HVP``. ``second_order="exact"``: the same with the exact
    ``HVP = ∂_m ⟨∇_θ L_cl(θ_{t+1}, M), v⟩``, the finite difference's limit as r → 0, computed by
    forward-mode differentiation of the mask gradient along v (:func:`torch.func.jvp`).
-   ``second_order="none"`` (first order) uses the direct term alone.
-5. The mask optimizer steps with that gradient.
+   ``second_order="none"`` (first order) uses the direct term alone (:meth:`MetaMaskStep._second_order_term`).
+5. The mask optimizer steps with that gradient (:meth:`MetaMaskStep._mask_update`).
 
 With ``meta_interval=k`` steps 2-5 run on every k-th call only (the first call included); the other calls
 are step 1 alone, the network's regular step.
@@ -146,6 +147,96 @@ def _sub_dict(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {name[start:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
 
 
+_LOSS_KEYS = ("loss", "loss_bt", "loss_cl")
+_META_KEYS = (*_LOSS_KEYS, "loss_cl_virtual", "mask_grad_norm")
+
+
+def _report(keys, values, clock, **flags: float) -> dict[str, float]:
+    """The dict that :meth:`MetaMaskStep.step` returns: ``values`` (python floats) under ``keys``, then
+    ``flags``, then the seconds per phase of ``clock``."""
+    return {**dict(zip(keys, values)), **flags, **clock.seconds()}
+
+
+def _mask_skipped(losses, clock, loss_virtual=None, mask_grad=None) -> dict[str, float]:
+    """The dict of a meta step whose mask update was skipped (a value of the meta part was not finite):
+    the losses ``(L, L_bt, L_cl)`` at θ_t, L_cl at θ' and the mask gradient's norm, NaN where not yet
+    computed (one host sync)."""
+    loss, loss_bt, loss_cl = losses
+    nan = torch.full((), float("nan"), dtype=loss.dtype, device=loss.device)
+    values = torch.stack([
+        loss.detach(), loss_bt.detach(), loss_cl.detach(),
+        nan if loss_virtual is None else loss_virtual.detach().to(loss.dtype),
+        nan if mask_grad is None else mask_grad.detach().norm().to(loss.dtype),
+    ]).tolist()
+    return _report(_META_KEYS, values, clock, meta_step=1.0, skipped=0.0, mask_skipped=1.0)
+
+
+def _check_arguments(
+    model, net_optimizer, mask_optimizer, *, weight_cl, lambd, temperature, second_order, fd_radius,
+    meta_interval, precision, channels_last, compile_backbone, timings, distributed,
+) -> None:
+    """The checks of :class:`MetaMaskStep`'s arguments (those of the optimizers' parameter groups aside,
+    :func:`_network_groups`), in this order: the first failing one raises."""
+    for attr in ("backbone", "bt_head", "cl_head", "mask"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model must be a MetaMaskModel (with .{attr}), got {type(model).__name__}")
+    if not isinstance(net_optimizer, torch.optim.SGD):
+        raise TypeError(
+            "net_optimizer must be a torch.optim.SGD: the virtual step of MetaMask is an SGD step, "
+            f"got {type(net_optimizer).__name__}"
+        )
+    if not isinstance(mask_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"mask_optimizer must be a torch.optim.Optimizer, got {type(mask_optimizer).__name__}")
+    if not isinstance(second_order, str) or second_order not in _SECOND_ORDER:
+        raise ValueError(f"second_order must be one of {_SECOND_ORDER}, got {second_order!r}")
+    check_number("weight_cl", weight_cl, minimum=0)
+    check_number("lambd", lambd, minimum=0)
+    check_number("temperature", temperature, minimum=0, strict=True)
+    check_number("fd_radius", fd_radius, minimum=0, strict=True)
+    if isinstance(meta_interval, bool) or not isinstance(meta_interval, int) or meta_interval < 1:
+        raise ValueError(f"meta_interval must be an integer >= 1, got {meta_interval!r}")
+    if not isinstance(timings, bool):
+        raise TypeError(f"timings must be a bool, got {type(timings).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
+    if not isinstance(compile_backbone, bool):
+        raise TypeError(f"compile_backbone must be a bool, got {type(compile_backbone).__name__}")
+    if distributed and second_order == "exact":
+        raise ValueError(
+            "second_order='exact' is not supported with distributed=True (forward-mode differentiation "
+            "does not go through the collectives); use 'finite_difference' or 'none'"
+        )
+    _check_distributed(distributed)
+    if not isinstance(precision, str) or precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and model.mask.logits.dtype != torch.float32:
+        raise ValueError(
+            "precision='bf16' autocasts float32 weights to bfloat16, but the model's weights are "
+            f"{model.mask.logits.dtype}; use a float32 model or precision='fp32'"
+        )
+
+
+def _network_groups(model, net_optimizer, mask_optimizer) -> list[tuple[dict, list[str]]]:
+    """Every parameter group of ``net_optimizer`` with the names in ``model`` of its parameters, after
+    checking that the network optimizer holds parameters of ``model`` but not the mask (and does not
+    maximize) and that ``mask_optimizer`` holds the mask."""
+    mask = model.mask.logits
+    names = {p: name for name, p in model.named_parameters()}
+    groups = []
+    for group in net_optimizer.param_groups:
+        if group.get("maximize", False):
+            raise ValueError("net_optimizer: maximize=True is not supported by the virtual step")
+        for p in group["params"]:
+            if p is mask:
+                raise ValueError("net_optimizer must not hold model.mask.logits: the mask has its own optimizer")
+            if p not in names:
+                raise ValueError("net_optimizer holds a tensor that is not a parameter of model")
+        groups.append((group, [names[p] for p in group["params"]]))
+    if not any(p is mask for g in mask_optimizer.param_groups for p in g["params"]):
+        raise ValueError("mask_optimizer must hold model.mask.logits")
+    return groups
+
+
 class MetaMaskStep:
     """One MetaMask training step per call; see the module docstring for the math.
 
@@ -198,58 +289,13 @@ class MetaMaskStep:
         timings: bool = False,
         distributed: bool = False,
     ):
-        for attr in ("backbone", "bt_head", "cl_head", "mask"):
-            if not hasattr(model, attr):
-                raise TypeError(f"model must be a MetaMaskModel (with .{attr}), got {type(model).__name__}")
-        if not isinstance(net_optimizer, torch.optim.SGD):
-            raise TypeError(
-                "net_optimizer must be a torch.optim.SGD: the virtual step of MetaMask is an SGD step, "
-                f"got {type(net_optimizer).__name__}"
-            )
-        if not isinstance(mask_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"mask_optimizer must be a torch.optim.Optimizer, got {type(mask_optimizer).__name__}")
-        if not isinstance(second_order, str) or second_order not in _SECOND_ORDER:
-            raise ValueError(f"second_order must be one of {_SECOND_ORDER}, got {second_order!r}")
-        check_number("weight_cl", weight_cl, minimum=0)
-        check_number("lambd", lambd, minimum=0)
-        check_number("temperature", temperature, minimum=0, strict=True)
-        check_number("fd_radius", fd_radius, minimum=0, strict=True)
-        if isinstance(meta_interval, bool) or not isinstance(meta_interval, int) or meta_interval < 1:
-            raise ValueError(f"meta_interval must be an integer >= 1, got {meta_interval!r}")
-        if not isinstance(timings, bool):
-            raise TypeError(f"timings must be a bool, got {type(timings).__name__}")
-        if not isinstance(channels_last, bool):
-            raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
-        if not isinstance(compile_backbone, bool):
-            raise TypeError(f"compile_backbone must be a bool, got {type(compile_backbone).__name__}")
-        if distributed and second_order == "exact":
-            raise ValueError(
-                "second_order='exact' is not supported with distributed=True (forward-mode differentiation "
-                "does not go through the collectives); use 'finite_difference' or 'none'"
-            )
-        _check_distributed(distributed)
-        if not isinstance(precision, str) or precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-        if precision == "bf16" and model.mask.logits.dtype != torch.float32:
-            raise ValueError(
-                "precision='bf16' autocasts float32 weights to bfloat16, but the model's weights are "
-                f"{model.mask.logits.dtype}; use a float32 model or precision='fp32'"
-            )
-
-        mask = model.mask.logits
-        names = {p: name for name, p in model.named_parameters()}
-        self._groups = []
-        for group in net_optimizer.param_groups:
-            if group.get("maximize", False):
-                raise ValueError("net_optimizer: maximize=True is not supported by the virtual step")
-            for p in group["params"]:
-                if p is mask:
-                    raise ValueError("net_optimizer must not hold model.mask.logits: the mask has its own optimizer")
-                if p not in names:
-                    raise ValueError("net_optimizer holds a tensor that is not a parameter of model")
-            self._groups.append((group, [names[p] for p in group["params"]]))
-        if not any(p is mask for g in mask_optimizer.param_groups for p in g["params"]):
-            raise ValueError("mask_optimizer must hold model.mask.logits")
+        _check_arguments(
+            model, net_optimizer, mask_optimizer, weight_cl=weight_cl, lambd=lambd, temperature=temperature,
+            second_order=second_order, fd_radius=fd_radius, meta_interval=meta_interval, precision=precision,
+            channels_last=channels_last, compile_backbone=compile_backbone, timings=timings, distributed=distributed,
+        )
+        #: Per parameter group of ``net_optimizer``: the group and its parameters' names in ``model``.
+        self._groups = _network_groups(model, net_optimizer, mask_optimizer)
 
         self.model = model
         self.net_optimizer = net_optimizer
@@ -478,15 +524,41 @@ class MetaMaskStep:
         self._check_views(x0, x1)
         if self.channels_last:
             x0, x1 = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in (x0, x1))
-        model, params = self.model, self._params
-        mask = model.mask.logits
-        model.train()
-        clock = _PhaseClock(self.timings, mask.device)
+        self.model.train()
+        clock = _PhaseClock(self.timings, self.model.mask.logits.device)
         meta_step = self.step_count % self.meta_interval == 0
         self.step_count += 1
 
-        # 1. Regular step on θ only: the mask's gradient from L is never formed. The running statistics are
-        #    saved first, to be put back when the step is skipped.
+        losses, skipped = self._regular_step(x0, x1)
+        clock.lap("regular")
+        if skipped or not meta_step:
+            values = torch.stack([loss.detach() for loss in losses]).tolist()
+            return _report(_LOSS_KEYS, values, clock, meta_step=0.0, skipped=float(skipped))
+
+        virtual, records = self._virtual_step(x0, x1)
+        clock.lap("virtual")
+        if virtual is None:
+            return _mask_skipped(losses, clock)
+
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}  # scratch BatchNorm buffers
+        loss_virtual, direct, v, v_norm, finite = self._outer_gradient(virtual, buffers, x0, x1)
+        clock.lap("outer")
+        if not finite:
+            return _mask_skipped(losses, clock, loss_virtual, direct)
+
+        mask_grad = self._second_order_term(direct, v, v_norm, buffers, x0, x1, records)
+        clock.lap("second_order")
+
+        return self._mask_update(mask_grad, losses, loss_virtual, clock)
+
+    def _regular_step(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """Step 1, the regular step on θ only: the mask's gradient from L is never formed.
+
+        Returns the losses ``(L, L_bt, L_cl)`` at θ_t (0-d tensors) and whether the step was skipped: when
+        ``L`` or a gradient is not finite (checked after the distributed averaging, so that every rank sees
+        the same values), the optimizer does not step and the BatchNorm running statistics, saved before the
+        forwards, are put back."""
+        model, params = self.model, self._params
         before = _running_statistics(model)
         with self._autocast():
             h0, h1 = self._regular_features(x0), self._regular_features(x1)
@@ -497,37 +569,26 @@ class MetaMaskStep:
             loss = loss_bt + self.weight_cl * loss_cl
         grads = _gradients(loss, params)
         self._average(grads)
-        # After the averaging: every rank checks the same values. ``loss`` carries a NaN or an infinity of
-        # either loss (0 · inf is NaN too).
+        # ``loss`` carries a NaN or an infinity of either loss (0 · inf is NaN too).
         if not bool(_all_finite([loss, *grads])):
             _restore(before)
-            clock.lap("regular")
-            values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach()]).tolist()
-            return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, "skipped": 1.0,
-                    **clock.seconds()}
+            return (loss, loss_bt, loss_cl), True
         for p, g in zip(params, grads):
             p.grad = g
         self.net_optimizer.step()
         self.net_optimizer.zero_grad(set_to_none=True)
-        clock.lap("regular")
-        if not meta_step:
-            values = torch.stack([loss.detach(), loss_bt.detach(), loss_cl.detach()]).tolist()
-            return {**dict(zip(("loss", "loss_bt", "loss_cl"), values)), "meta_step": 0.0, "skipped": 0.0,
-                    **clock.seconds()}
+        return (loss, loss_bt, loss_cl), False
 
-        def mask_skipped(loss_virtual=None, mask_grad=None):
-            nan = torch.full((), float("nan"), dtype=loss.dtype, device=loss.device)
-            values = torch.stack([
-                loss.detach(), loss_bt.detach(), loss_cl.detach(),
-                nan if loss_virtual is None else loss_virtual.detach().to(loss.dtype),
-                nan if mask_grad is None else mask_grad.detach().norm().to(loss.dtype),
-            ]).tolist()
-            keys = ("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm")
-            return {**dict(zip(keys, values)), "meta_step": 1.0, "skipped": 0.0, "mask_skipped": 1.0,
-                    **clock.seconds()}
+    def _virtual_step(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[dict[str, torch.Tensor] | None, list | None]:
+        """Step 2, the virtual step: θ' = the network optimizer's update, read-only on its state.
 
-        # 2. Gradient of L_cl at θ_{t+1}, through the real modules (their running statistics are put back:
-        #    they move once per step), then the virtual SGD step.
+        ``g = ∇_θ L_cl(θ_{t+1}, M)`` through the real modules (their BatchNorm running statistics are put
+        back: they move once per step), averaged over the ranks with ``distributed``; then θ', the update
+        the network optimizer would make from ``g`` without touching its state (:meth:`_virtual_weights`).
+
+        Returns θ' by name (None when ``L_cl`` or ``g`` is not finite) and, for the exact second-order term
+        with a traced backbone, the forwards of both views recorded at θ_{t+1} (None otherwise)."""
+        model, params = self.model, self._params
         statistics = _running_statistics(model)
         records = None
         with self._autocast():
@@ -543,54 +604,59 @@ class MetaMaskStep:
         self._average(grads)
         _restore(statistics)  # after the backward, which saved the buffers it read
         if not bool(_all_finite([loss_next, *grads])):
-            clock.lap("virtual")
-            return mask_skipped()
-        virtual = self._virtual_weights(grads)
-        clock.lap("virtual")
+            return None, records
+        return self._virtual_weights(grads), records
 
-        # 3. Direct mask gradient and v at θ', on scratch BatchNorm buffers.
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
+    def _outer_gradient(self, virtual: dict[str, torch.Tensor], buffers, x0: torch.Tensor, x1: torch.Tensor):
+        """Step 3 at θ' (``virtual``), on the scratch BatchNorm ``buffers``: the direct mask gradient
+        ``∂_m L_cl(θ', M)`` and ``v = ∇_θ' L_cl(θ', M)``, both averaged over the ranks with ``distributed``.
+
+        Returns ``(L_cl(θ', M), direct, v, ‖v‖, finite)``: ``v`` by name, for the weights it does not vanish
+        on; ``‖v‖`` a 0-d tensor (None when ``v`` is empty), which the finite difference needs anyway and
+        which is also the check of ``v``; ``finite``: whether the loss, ``direct`` and ``‖v‖`` are finite
+        (one host sync)."""
+        mask = self.model.mask.logits
         with self._autocast():
             loss_virtual = self._contrastive_loss_at(virtual, buffers, x0, x1, backbone_grad=True)
         names = list(virtual)
         direct, *v = torch.autograd.grad(loss_virtual, [mask] + [virtual[n] for n in names], allow_unused=True)
         self._average([direct, *v])
-        mask_grad = direct
         directions = {n: g for n, g in zip(names, v) if g is not None}
-        # ‖v‖, which the finite difference needs anyway, is also the check of v.
         v_norm = ops.global_norm(list(directions.values())) if directions else None
         finite = _all_finite([loss_virtual, direct])
         if v_norm is not None:
             finite = finite & torch.isfinite(v_norm).to(finite.device)
-        if not bool(finite):
-            clock.lap("outer")
-            return mask_skipped(loss_virtual, direct)
-        clock.lap("outer")
+        return loss_virtual, direct, directions, v_norm, bool(finite)
 
-        # 4. Second-order term around θ_{t+1}: central finite differences or exact.
-        if self.second_order != "none" and directions:
-            eta = self.net_optimizer.param_groups[0]["lr"]
-            if self.second_order == "exact":  # float32 also under bf16 autocast, as the finite difference
-                hvp = self._exact_hvp(directions, x0, x1, records)
-            else:
-                hvp = self._finite_difference_hvp(directions, buffers, x0, x1, norm=v_norm)
-            mask_grad = direct - eta * hvp
-        clock.lap("second_order")
+    def _second_order_term(self, direct, v, v_norm, buffers, x0, x1, records) -> torch.Tensor:
+        """Step 4 around θ_{t+1}: the mask gradient ``direct - η · HVP``, with the central finite difference
+        (:meth:`_finite_difference_hvp`, on the scratch ``buffers``, ``v_norm`` being ‖v‖) or the exact
+        term (:meth:`_exact_hvp`, from step 2's ``records``; in float32 also under bfloat16 autocast, as
+        the finite difference); ``direct`` itself with ``second_order="none"`` or an empty ``v``."""
+        if self.second_order == "none" or not v:
+            return direct
+        eta = self.net_optimizer.param_groups[0]["lr"]
+        if self.second_order == "exact":
+            hvp = self._exact_hvp(v, x0, x1, records)
+        else:
+            hvp = self._finite_difference_hvp(v, buffers, x0, x1, norm=v_norm)
+        return direct - eta * hvp
 
-        # 5. Meta step on the mask, when its gradient is finite (the check of the second-order term).
+    def _mask_update(self, mask_grad: torch.Tensor, losses, loss_virtual: torch.Tensor, clock) -> dict[str, float]:
+        """Step 5: the mask optimizer steps with ``mask_grad`` when it is finite (the check of the
+        second-order term, on the host sync that fetches the returned values). Returns the step's dict."""
+        loss, loss_bt, loss_cl = losses
         values = torch.stack(
             [loss.detach(), loss_bt.detach(), loss_cl.detach(), loss_virtual.detach(), mask_grad.norm(),
              torch.isfinite(mask_grad).all().to(loss.dtype)]
         ).tolist()
         if not values[-1]:
-            return mask_skipped(loss_virtual, mask_grad)
+            return _mask_skipped(losses, clock, loss_virtual, mask_grad)
+        mask = self.model.mask.logits
         mask.grad = mask_grad
         self.mask_optimizer.step()
         self.mask_optimizer.zero_grad(set_to_none=True)
-
-        keys = ("loss", "loss_bt", "loss_cl", "loss_cl_virtual", "mask_grad_norm")
-        return {**dict(zip(keys, values)), "meta_step": 1.0, "skipped": 0.0, "mask_skipped": 0.0,
-                **clock.seconds()}
+        return _report(_META_KEYS, values, clock, meta_step=1.0, skipped=0.0, mask_skipped=0.0)
 
 
 class SingleLossStep:
