@@ -24,8 +24,8 @@ from metamask_fast.config import TrainConfig
 from metamask_fast.data.pipeline import Data, evaluation_loader
 from metamask_fast.models import MetaMaskModel
 
-__all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features", "topk_accuracy", "linear_probe", "knn_metric",
-           "knn_accuracy", "batch_correlation"]
+__all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features", "topk_accuracy", "linear_probe",
+           "knn_metric", "knn_accuracy", "knn_references", "batch_correlation"]
 
 # Queries are scored in chunks so that the [queries, train] similarity matrix stays small.
 _QUERY_CHUNK = 1024
@@ -396,3 +396,11 @@ def batch_correlation(model: MetaMaskModel, data: Data, config: TrainConfig, dev
         return (z0.T @ z1 / z0.shape[0]).float().cpu()
     finally:
         model.train(was_training)
+
+
+def knn_references(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """What the digits' kNN monitor is compared with: raw pixels, and ``model`` at its random initialisation."""
+    split = data.digits
+    raw = knn_top1_accuracy(split.train_images.flatten(1), split.train_labels, split.test_images.flatten(1),
+                            split.test_labels, k=config.knn_k, temperature=config.knn_temperature)
+    return {"knn_raw_pixels": raw, "knn_random_init": knn_accuracy(model, data, config, device)}

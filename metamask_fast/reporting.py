@@ -1,12 +1,13 @@
-"""What a run reports: the progress bar (or log lines), TensorBoard, the mask's statistics and the final summary.
+"""What a run reports: progress, metrics.jsonl, TensorBoard, the mask's statistics and the summary.
 
-``metrics.jsonl`` (one record per epoch) and ``summary.json`` are written by the loop
-(:mod:`metamask_fast.train`) through :mod:`metamask_fast.runfolder`; the PNG plots by
-:func:`metamask_fast.plots.write_plots`.
+:class:`Report` writes while the run trains; :func:`run_summary` is ``summary.json`` and
+:func:`print_summary` its lines on stdout. The PNG plots are :func:`metamask_fast.plots.write_plots`; the
+files are written atomically through :mod:`metamask_fast.runfolder`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -18,8 +19,9 @@ from tqdm import tqdm
 from metamask_fast.config import TrainConfig
 from metamask_fast.evaluate import knn_metric
 from metamask_fast.models import MetaMaskModel
+from metamask_fast.runfolder import read_records, write_text
 
-__all__ = ["Progress", "tensorboard_writer", "mask_statistics", "print_summary"]
+__all__ = ["Report", "Progress", "tensorboard_writer", "mask_statistics", "run_summary", "print_summary"]
 
 PROG = "metamask_fast.train"
 
@@ -82,3 +84,65 @@ def print_summary(summary: dict, config: TrainConfig, folder: Path) -> None:
         print(f"  {trained:<32}{100 * summary[f'{metric}_last']:6.2f}%  (best {100 * summary[f'{metric}_best']:.2f}%)")
     print(f"{summary['seconds']:.1f} s in this process ({summary['training_seconds']:.1f} s of training in all, "
           f"resumed runs included); run folder: {folder}")
+
+
+class Report:
+    """What a run reports while it trains: progress on stderr, one record per epoch in ``metrics.jsonl``,
+    and TensorBoard scalars per step and per epoch (the files on the main process only).
+
+    ``metrics.jsonl`` starts as the records up to ``step`` (those of a killed run past its checkpoint are
+    redone) from ``source`` (the run folder the checkpoint came from; the run's own otherwise)."""
+
+    def __init__(self, config: TrainConfig, folder: Path, source: Path, step: int, total_steps: int,
+                 main_process: bool):
+        self.folder, self.main_process = folder, main_process
+        self.records = read_records(source / "metrics.jsonl", step) if main_process else []
+        if main_process:
+            write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        self.writer = tensorboard_writer(folder) if main_process else None
+        self.progress = Progress(config, total_steps, step, config.batch_size, main_process)
+
+    def step(self, step: int, epoch: int, result: dict[str, float]) -> None:
+        self.progress.update(step, epoch, result["loss"])
+        if self.writer is not None:
+            for key, value in result.items():
+                self.writer.add_scalar(f"step/{key}", value, step)
+
+    def epoch(self, record: dict) -> None:
+        if not self.main_process:
+            return
+        self.records.append(record)
+        with open(self.folder / "metrics.jsonl", "a") as metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if value is not None:
+                    self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_summary(config: TrainConfig, model: MetaMaskModel, records: list[dict], *, steps: int, train_images: int,
+                best: float | None, references: dict[str, float], training_seconds: float, started: float,
+                world_size: int, engine: dict) -> dict:
+    """The final summary (``summary.json``; the last three lines on stdout come from it)."""
+    metric = knn_metric(config)
+    return {
+        "method": config.method,
+        "dataset": config.dataset,
+        "backbone": config.backbone,
+        "epochs": config.epochs,
+        "steps": steps,
+        "train_images": train_images,
+        f"{metric}_last": records[-1].get(metric) if records else None,
+        f"{metric}_best": best,
+        **references,
+        "training_seconds": training_seconds,
+        **mask_statistics(model),
+        "seconds": time.perf_counter() - started,
+        "world_size": world_size,
+        "engine": engine,
+    }

@@ -11,6 +11,7 @@ something else. Refusals are :class:`~metamask_fast.config.ConfigError` naming t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -23,8 +24,9 @@ import torch
 from metamask_fast import config as cfg
 from metamask_fast.config import ConfigError, TrainConfig
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "prepare_run_folder", "is_partial_write", "atomic_write", "save",
-           "write_text", "write_failure", "read_records", "rng_state", "set_rng_state"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "prepare_run_folder", "open_run_folder", "is_partial_write",
+           "atomic_write", "save", "write_text", "write_failure", "read_records", "rng_state", "set_rng_state",
+           "RunState", "checkpoint_state", "restore"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -189,3 +191,88 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint state
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands, besides its weights and optimizer states: the position in the data, the current
+    epoch's running sums, the best kNN value, the references and the consecutive skipped steps."""
+
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch done
+    step: int = 0
+    training_seconds: float = 0.0  # of training before this process started (or resumed) the run
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    best: float | None = None
+    bad_steps: int = 0  # consecutive skipped steps
+    references: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add(self, result: dict[str, float], skipped: bool) -> None:
+        """A step's values into the epoch's sums (a skipped step's values stay out, but its flag counts)."""
+        for key, value in result.items():
+            if key == "skipped" or not skipped:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.sums, self.counts = self.epoch + 1, 0, {}, {}
+
+
+def checkpoint_state(config: TrainConfig, training, state: RunState, *, seconds: float, finished: bool,
+                     engine: dict) -> dict:
+    """The checkpoint of a run: ``training`` (:class:`metamask_fast.train.Training`: model, optimizers,
+    schedulers, step) and ``state`` after its last step, ``seconds`` of training in all, and the random
+    generators' states."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "identity": cfg.identity(config),
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "model": training.model.state_dict(),
+        "net_optimizer": training.net_optimizer.state_dict(),
+        "mask_optimizer": None if training.mask_optimizer is None else training.mask_optimizer.state_dict(),
+        "schedulers": [scheduler.state_dict() for scheduler in training.schedulers],
+        "step_count": getattr(training.stepper, "step_count", state.step),
+        "epoch": state.epoch, "batch": state.batch, "step": state.step,
+        "sums": state.sums, "counts": state.counts, "best": state.best, "references": state.references,
+        "bad_steps": state.bad_steps,
+        "training_seconds": seconds,
+        "rng": rng_state(),
+        "finished": finished,
+        "torch_version": str(torch.__version__),
+        "engine": engine,
+    }
+
+
+def restore(checkpoint: dict, training) -> RunState:
+    """Load ``checkpoint`` (from :func:`prepare_run_folder`) into ``training`` and the random generators;
+    returns the run's state."""
+    training.model.load_state_dict(checkpoint["model"])
+    training.net_optimizer.load_state_dict(checkpoint["net_optimizer"])
+    if training.mask_optimizer is not None:
+        training.mask_optimizer.load_state_dict(checkpoint["mask_optimizer"])
+    for scheduler, saved in zip(training.schedulers, checkpoint["schedulers"]):
+        scheduler.load_state_dict(saved)
+    if hasattr(training.stepper, "step_count"):
+        training.stepper.step_count = checkpoint["step_count"]
+    state = RunState(epoch=checkpoint["epoch"], batch=checkpoint["batch"], step=checkpoint["step"],
+                     training_seconds=checkpoint["training_seconds"], sums=dict(checkpoint["sums"]),
+                     counts=dict(checkpoint["counts"]), best=checkpoint["best"], bad_steps=checkpoint["bad_steps"],
+                     references=dict(checkpoint["references"]))
+    set_rng_state(checkpoint["rng"])
+    return state
+
+
+def open_run_folder(folder: Path, config: TrainConfig, origin) -> None:
+    """Create ``folder`` (main process), remove the partial writes of a killed run, write ``config.yaml``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for partial in [p for p in folder.iterdir() if is_partial_write(p)]:
+            partial.unlink()  # a write cut short by a kill; the complete file it was replacing is kept
+        write_text(folder / "config.yaml", cfg.to_yaml(config))
+    except OSError as error:
+        raise ConfigError(f"{cfg.where(origin, 'output_dir')}: cannot write to {str(folder)!r}: "
+                          f"{error.strerror or error}") from None

@@ -51,21 +51,20 @@ from metamask_fast import distributed as mmdist
 from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import DatasetError
 from metamask_fast.data.pipeline import Data, load_data
-from metamask_fast.evaluate import batch_correlation, knn_accuracy, knn_metric, knn_top1_accuracy
+from metamask_fast.evaluate import batch_correlation, knn_accuracy, knn_metric, knn_references
 from metamask_fast.info import engine as engine_record
 from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel, build_model
-from metamask_fast.reporting import Progress, mask_statistics, print_summary, tensorboard_writer
+from metamask_fast.reporting import Report, mask_statistics, print_summary, run_summary
 from metamask_fast.runfolder import (
     CHECKPOINT,
-    CHECKPOINT_FORMAT,
-    is_partial_write,
+    RunState,
+    checkpoint_state,
+    open_run_folder,
     prepare_run_folder,
-    read_records,
-    rng_state,
+    restore,
     save,
-    set_rng_state,
     write_failure,
     write_text,
 )
@@ -210,13 +209,24 @@ def _has_diverged(model: MetaMaskModel, images: torch.Tensor) -> bool:
         return not all(torch.isfinite(z).all() for z in model(images))
 
 
-def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None, ctx: mmdist.DistContext,
-          started: float, engine: dict) -> dict:
-    """Run (or continue) the training of ``config`` (resolved); returns the summary, also written to
-    ``folder/summary.json``. Raises :class:`Interrupted` after a signal (a checkpoint is written first).
-    ``engine`` (:func:`metamask_fast.info.engine`: what the run runs on) is recorded in both."""
-    device = torch.device(config.device)
-    main_process = ctx.is_main
+# ---------------------------------------------------------------------------------------------- the parts
+
+
+@dataclasses.dataclass
+class Training:
+    """What a run trains: the model, the network's and the mask's optimizers with their cosine schedules,
+    and the step that drives them (:class:`~metamask_fast.meta.MetaMaskStep`, or
+    :class:`~metamask_fast.meta.SingleLossStep` for the baselines, which have no mask optimizer)."""
+
+    model: MetaMaskModel
+    net_optimizer: torch.optim.Optimizer
+    mask_optimizer: torch.optim.Optimizer | None
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    stepper: MetaMaskStep | SingleLossStep
+
+
+def build_training(config: TrainConfig, ctx: mmdist.DistContext, device: torch.device) -> Training:
+    """The model (initialised under ``config.seed``), its optimizers, schedules and step."""
     torch.manual_seed(config.seed)
     model = build_model(config)
     if config.sync_bn and ctx.is_distributed:
@@ -229,223 +239,227 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
     net_optimizer = torch.optim.SGD(network_parameters, lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(net_optimizer, T_max=config.epochs)]
-    mask_optimizer = None
-    if config.method == "metamask":
-        mask_optimizer = torch.optim.SGD([model.mask.logits], lr=config.mask_lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
-        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(mask_optimizer, T_max=config.epochs))
-        stepper = MetaMaskStep(model, net_optimizer, mask_optimizer, weight_cl=config.weight_cl,
-                               lambd=config.lambd, temperature=config.temperature,
-                               second_order=config.second_order, fd_radius=config.fd_radius,
-                               meta_interval=config.meta_interval, precision=config.precision,
-                               channels_last=config.channels_last, distributed=ctx.is_distributed)
-    else:
+    if config.method != "metamask":
         stepper = SingleLossStep(model, net_optimizer, method=config.method, lambd=config.lambd,
                                  temperature=config.temperature, distributed=ctx.is_distributed,
                                  precision=config.precision, channels_last=config.channels_last)
+        return Training(model, net_optimizer, None, schedulers, stepper)
+    mask_optimizer = torch.optim.SGD([model.mask.logits], lr=config.mask_lr, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
+    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(mask_optimizer, T_max=config.epochs))
+    stepper = MetaMaskStep(model, net_optimizer, mask_optimizer, weight_cl=config.weight_cl,
+                           lambd=config.lambd, temperature=config.temperature,
+                           second_order=config.second_order, fd_radius=config.fd_radius,
+                           meta_interval=config.meta_interval, precision=config.precision,
+                           channels_last=config.channels_last, distributed=ctx.is_distributed)
+    return Training(model, net_optimizer, mask_optimizer, schedulers, stepper)
 
-    metric = knn_metric(config)
-    batches_per_epoch = data.batches.batches_per_epoch
-    references: dict[str, float] = {}
-    if checkpoint is None:
-        epoch, batch, step, training_seconds = 0, 0, 0, 0.0
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        best: float | None = None
-        bad_steps = 0  # consecutive skipped steps
-        if ctx.is_distributed:
-            mmdist.broadcast_module(model)
-        if data.digits is not None and main_process:
-            split = data.digits
-            references["knn_raw_pixels"] = knn_top1_accuracy(
-                split.train_images.flatten(1), split.train_labels, split.test_images.flatten(1), split.test_labels,
-                k=config.knn_k, temperature=config.knn_temperature)
-            references["knn_random_init"] = knn_accuracy(model, data, config, device)
-    else:
-        model.load_state_dict(checkpoint["model"])
-        net_optimizer.load_state_dict(checkpoint["net_optimizer"])
-        if mask_optimizer is not None:
-            mask_optimizer.load_state_dict(checkpoint["mask_optimizer"])
-        for scheduler, state in zip(schedulers, checkpoint["schedulers"]):
-            scheduler.load_state_dict(state)
-        if hasattr(stepper, "step_count"):
-            stepper.step_count = checkpoint["step_count"]
-        epoch, batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
-        training_seconds = checkpoint["training_seconds"]
-        sums, counts, best = dict(checkpoint["sums"]), dict(checkpoint["counts"]), checkpoint["best"]
-        bad_steps = checkpoint["bad_steps"]
-        references = dict(checkpoint["references"])
-        set_rng_state(checkpoint["rng"])
 
-    def state(finished: bool, seconds: float | None = None) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "identity": cfg.identity(config),
-            "config": json.loads(json.dumps(dataclasses.asdict(config))),
-            "model": model.state_dict(),
-            "net_optimizer": net_optimizer.state_dict(),
-            "mask_optimizer": None if mask_optimizer is None else mask_optimizer.state_dict(),
-            "schedulers": [scheduler.state_dict() for scheduler in schedulers],
-            "step_count": getattr(stepper, "step_count", step),
-            "epoch": epoch, "batch": batch, "step": step,
-            "sums": sums, "counts": counts, "best": best, "references": references, "bad_steps": bad_steps,
-            "training_seconds": training_seconds + time.perf_counter() - resumed_at if seconds is None else seconds,
-            "rng": rng_state(),
-            "finished": finished,
-            "torch_version": str(torch.__version__),
-            "engine": engine,
-        }
+def fresh_state(config: TrainConfig, data: Data, training: Training, ctx: mmdist.DistContext,
+                device: torch.device) -> RunState:
+    """The state of a run that starts now: the same weights on every process, and (digits) the kNN of
+    raw pixels and of the network at its random initialisation, the references of the summary."""
+    state = RunState()
+    if ctx.is_distributed:
+        mmdist.broadcast_module(training.model)
+    if data.digits is not None and ctx.is_main:
+        state.references = knn_references(training.model, data, config, device)
+    return state
 
-    def save_checkpoint(finished: bool = False) -> None:
-        if main_process:
+
+@dataclasses.dataclass
+class Run:
+    """A run in progress: its settings, data, folder and parts, where it stands, and its checkpoints."""
+
+    config: TrainConfig
+    data: Data
+    folder: Path
+    ctx: mmdist.DistContext
+    training: Training
+    state: RunState
+    engine: dict
+    resumed_at: float = 0.0  # time.perf_counter() when this process began training
+
+    def training_seconds(self) -> float:
+        """Seconds of training in all, resumed runs included."""
+        return self.state.training_seconds + time.perf_counter() - self.resumed_at
+
+    def checkpoint(self, *, finished: bool = False, seconds: float | None = None) -> dict:
+        return checkpoint_state(self.config, self.training, self.state, engine=self.engine, finished=finished,
+                                seconds=self.training_seconds() if seconds is None else seconds)
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint (main process), then wait for every process."""
+        if self.ctx.is_main:
             try:
-                save(state(finished), folder / CHECKPOINT)
+                save(self.checkpoint(), self.folder / CHECKPOINT)
             except OSError as error:
-                raise RunStopped(write_failure(folder / CHECKPOINT, error, step)) from None
+                raise RunStopped(write_failure(self.folder / CHECKPOINT, error, self.state.step)) from None
         mmdist.barrier()
 
-    # The records up to the checkpoint: those of a killed run past it are redone. Resuming into a new
-    # folder starts from the source run's records.
+    def stop_if_requested(self, stopper: _Stopper) -> None:
+        """After a signal on any process: a checkpoint, then :class:`Interrupted` (all at the same step)."""
+        if _stop_requested(stopper, self.ctx):
+            self.save_checkpoint()
+            raise Interrupted(stopper.signum or signal.SIGTERM, self.state.step)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None, ctx: mmdist.DistContext,
+          started: float, engine: dict) -> dict:
+    """Run (or continue) the training of ``config`` (resolved); returns the summary, also written to
+    ``folder/summary.json``. Raises :class:`Interrupted` after a signal (a checkpoint is written first).
+    ``engine`` (:func:`metamask_fast.info.engine`: what the run runs on) is recorded in both."""
+    device = torch.device(config.device)
+    training = build_training(config, ctx, device)
+    state = (fresh_state(config, data, training, ctx, device) if checkpoint is None
+             else restore(checkpoint, training))
+    run = Run(config, data, folder, ctx, training, state, engine)
+    # Resuming into a new folder starts from the source run's records.
     source = Path(checkpoint["source_folder"]) if checkpoint is not None else folder
-    records = read_records(source / "metrics.jsonl", step) if main_process else []
-    if main_process:
-        write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    writer = tensorboard_writer(folder) if main_process else None
-    images_per_step = config.batch_size
-    progress = Progress(config, config.epochs * batches_per_epoch, step, images_per_step, main_process)
-    resumed_at = time.perf_counter()
-    model.train()
+    report = Report(config, folder, source, state.step, config.epochs * data.batches.batches_per_epoch, ctx.is_main)
+    run.resumed_at = time.perf_counter()
+    training.model.train()
     try:
         with _Stopper() as stopper:
-            while epoch < config.epochs:
-                lr = net_optimizer.param_groups[0]["lr"]
-                epoch_started, first_batch = time.perf_counter(), batch
-                for x0, x1 in data.batches.epoch(epoch, batch):
-                    try:
-                        result = stepper.step(x0, x1)
-                    except (ValueError, ArithmeticError) as error:
-                        # The losses refuse non-finite embeddings. When the network itself has blown up,
-                        # the learning rate is the cause: say so in one line instead of a traceback.
-                        if not _has_diverged(model, x0):
-                            raise
-                        raise FloatingPointError(f"the network became non-finite in epoch {epoch + 1}; try a "
-                                                 f"smaller --lr (now {config.lr})") from error
-                    # A skipped step (non-finite loss or gradient) changed nothing; its values stay out of the
-                    # epoch's means, and enough of them in a row stop the run.
-                    skipped = result.get("skipped", 0.0) == 1.0
-                    bad_steps = bad_steps + 1 if skipped else 0
-                    if skipped and not _weights_finite(model):
-                        # An update overflowed the weights themselves (a far too large learning rate): no later
-                        # step can recover. The last checkpoint on disk predates it and is kept.
-                        raise FloatingPointError(f"the network's weights became non-finite in epoch {epoch + 1}; "
-                                                 f"try a smaller --lr (now {config.lr})")
-                    for key, value in result.items():
-                        if key == "skipped" or not skipped:
-                            sums[key] = sums.get(key, 0.0) + value
-                            counts[key] = counts.get(key, 0) + 1
-                    batch += 1
-                    step += 1
-                    progress.update(step, epoch + 1, result["loss"])
-                    if writer is not None:
-                        for key, value in result.items():
-                            writer.add_scalar(f"step/{key}", value, step)
-                    if bad_steps >= config.max_bad_steps:
-                        save_checkpoint()
-                        raise RunStopped(
-                            f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or gradient "
-                            f"and were skipped; {folder / CHECKPOINT} holds the last good state (step "
-                            f"{step - bad_steps}, plus the skipped steps' position in the data); try a smaller "
-                            f"--lr (now {config.lr}) or a larger --max-bad-steps")
-                    if _stop_requested(stopper, ctx):
-                        save_checkpoint()
-                        raise Interrupted(stopper.signum or signal.SIGTERM, step)
-                    if step % config.checkpoint_every == 0 and batch < batches_per_epoch:
-                        save_checkpoint()
-                means = {key: total / counts[key] for key, total in sums.items()}
-                if not _weights_finite(model):
-                    raise FloatingPointError(f"the network's weights became non-finite in epoch {epoch + 1}; try "
-                                             f"a smaller --lr (now {config.lr})")
-                if not math.isfinite(means.get("loss", 0.0)):
-                    raise FloatingPointError(f"the loss became {means['loss']} in epoch {epoch + 1}; try a "
-                                             f"smaller --lr (now {config.lr})")
-                record = {"epoch": epoch + 1, "step": step, **means, "lr": lr}
-                if "skipped" in sums:
-                    record["skipped_steps"] = int(sums["skipped"])
-                if mask_optimizer is not None:
-                    record["mask_lr"] = mask_optimizer.param_groups[0]["lr"]
-                record.update(mask_statistics(model))
-                seconds = time.perf_counter() - epoch_started
-                # The batches this process ran (after a resume, part of the epoch).
-                ran = (batches_per_epoch - first_batch) * images_per_step
-                record["images_per_second"] = ran / seconds if seconds > 0 and ran else None
-                record["seconds"] = training_seconds + time.perf_counter() - resumed_at
-                if (epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs:
-                    try:
-                        accuracy = knn_accuracy(model, data, config, device) if main_process else None
-                    except ValueError as error:  # the evaluation refuses non-finite features
-                        if "non-finite" not in str(error):
-                            raise
-                        raise FloatingPointError(f"the network's features became non-finite in epoch {epoch + 1}; "
-                                                 f"try a smaller --lr (now {config.lr})") from None
-                    if accuracy is not None:
-                        best = accuracy if best is None else max(best, accuracy)
-                        record[metric] = accuracy
-                        record[f"{metric}_best"] = best
-                    mmdist.barrier()
-                if main_process:
-                    records.append(record)
-                    with open(folder / "metrics.jsonl", "a") as metrics_file:
-                        metrics_file.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for key, value in record.items():
-                            if value is not None:
-                                writer.add_scalar(f"epoch/{key}", value, epoch + 1)
-                with warnings.catch_warnings():
-                    # A run resumed at an epoch's very end steps the schedulers before any optimizer step of
-                    # this process: torch warns, but the schedule is the saved one and stays right.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-                    for scheduler in schedulers:
-                        scheduler.step()
-                epoch, batch, sums, counts = epoch + 1, 0, {}, {}
-                if _stop_requested(stopper, ctx):
-                    save_checkpoint()
-                    raise Interrupted(stopper.signum or signal.SIGTERM, step)
-                save_checkpoint()  # also after the last epoch: the final outputs below can be redone from it
+            while state.epoch < config.epochs:
+                lr = training.net_optimizer.param_groups[0]["lr"]
+                epoch_started, first_batch = time.perf_counter(), state.batch
+                train_one_epoch(run, report, stopper)
+                record = epoch_record(run, lr, epoch_started, first_batch)
+                if (state.epoch + 1) % config.knn_every == 0 or state.epoch + 1 == config.epochs:
+                    evaluate(run, record)
+                report.epoch(record)
+                _step_schedulers(training.schedulers)
+                state.next_epoch()
+                run.stop_if_requested(stopper)
+                run.save_checkpoint()  # also after the last epoch: the final outputs below can be redone from it
     finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
+        report.close()
+    return finish(run, report.records, started)
 
-    last = records[-1].get(metric) if records else None
-    summary = {
-        "method": config.method,
-        "dataset": config.dataset,
-        "backbone": config.backbone,
-        "epochs": config.epochs,
-        "steps": step,
-        "train_images": data.num_train,
-        f"{metric}_last": last,
-        f"{metric}_best": best,
-        **references,
-        "training_seconds": training_seconds + time.perf_counter() - resumed_at,
-        **mask_statistics(model),
-        "seconds": time.perf_counter() - started,
-        "world_size": ctx.world_size,
-        "engine": engine,
-    }
-    if main_process:
+
+def train_one_epoch(run: Run, report: Report, stopper: _Stopper) -> None:
+    """The steps of the current epoch from the current batch on, with a checkpoint every
+    ``checkpoint_every`` steps (and before stopping: a signal, too many skipped steps in a row)."""
+    config, state, model = run.config, run.state, run.training.model
+    batches_per_epoch = run.data.batches.batches_per_epoch
+    for x0, x1 in run.data.batches.epoch(state.epoch, state.batch):
+        result = _step(run, x0, x1)
+        # A skipped step (non-finite loss or gradient) changed nothing; its values stay out of the epoch's
+        # means, and enough of them in a row stop the run.
+        skipped = result.get("skipped", 0.0) == 1.0
+        state.bad_steps = state.bad_steps + 1 if skipped else 0
+        if skipped and not _weights_finite(model):
+            # An update overflowed the weights themselves (a far too large learning rate): no later step can
+            # recover. The last checkpoint on disk predates it and is kept.
+            raise FloatingPointError(f"the network's weights became non-finite in epoch {state.epoch + 1}; "
+                                     f"try a smaller --lr (now {config.lr})")
+        state.add(result, skipped)
+        state.batch += 1
+        state.step += 1
+        report.step(state.step, state.epoch + 1, result)
+        if state.bad_steps >= config.max_bad_steps:
+            run.save_checkpoint()
+            raise RunStopped(
+                f"{state.bad_steps} consecutive steps (up to step {state.step}) had a non-finite loss or gradient "
+                f"and were skipped; {run.folder / CHECKPOINT} holds the last good state (step "
+                f"{state.step - state.bad_steps}, plus the skipped steps' position in the data); try a smaller "
+                f"--lr (now {config.lr}) or a larger --max-bad-steps")
+        run.stop_if_requested(stopper)
+        if state.step % config.checkpoint_every == 0 and state.batch < batches_per_epoch:
+            run.save_checkpoint()
+
+
+def _step(run: Run, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
+    """One training step; when the network itself has blown up (the losses refuse non-finite embeddings),
+    one line that names the learning rate instead of a traceback."""
+    try:
+        return run.training.stepper.step(x0, x1)
+    except (ValueError, ArithmeticError) as error:
+        if not _has_diverged(run.training.model, x0):
+            raise
+        raise FloatingPointError(f"the network became non-finite in epoch {run.state.epoch + 1}; try a "
+                                 f"smaller --lr (now {run.config.lr})") from error
+
+
+def epoch_record(run: Run, lr: float, epoch_started: float, first_batch: int) -> dict:
+    """The epoch's line of ``metrics.jsonl`` (before the evaluation): the means of the step values, the
+    learning rates, the mask's statistics, images/s and seconds."""
+    config, state, training = run.config, run.state, run.training
+    means = {key: total / state.counts[key] for key, total in state.sums.items()}
+    if not _weights_finite(training.model):
+        raise FloatingPointError(f"the network's weights became non-finite in epoch {state.epoch + 1}; try "
+                                 f"a smaller --lr (now {config.lr})")
+    if not math.isfinite(means.get("loss", 0.0)):
+        raise FloatingPointError(f"the loss became {means['loss']} in epoch {state.epoch + 1}; try a "
+                                 f"smaller --lr (now {config.lr})")
+    record = {"epoch": state.epoch + 1, "step": state.step, **means, "lr": lr}
+    if "skipped" in state.sums:
+        record["skipped_steps"] = int(state.sums["skipped"])
+    if training.mask_optimizer is not None:
+        record["mask_lr"] = training.mask_optimizer.param_groups[0]["lr"]
+    record.update(mask_statistics(training.model))
+    seconds = time.perf_counter() - epoch_started
+    # The batches this process ran (after a resume, part of the epoch).
+    ran = (run.data.batches.batches_per_epoch - first_batch) * config.batch_size
+    record["images_per_second"] = ran / seconds if seconds > 0 and ran else None
+    record["seconds"] = run.training_seconds()
+    return record
+
+
+def evaluate(run: Run, record: dict) -> None:
+    """The kNN monitor (main process) into ``record``, with the best value so far."""
+    config, state = run.config, run.state
+    device = torch.device(config.device)
+    try:
+        accuracy = knn_accuracy(run.training.model, run.data, config, device) if run.ctx.is_main else None
+    except ValueError as error:  # the evaluation refuses non-finite features
+        if "non-finite" not in str(error):
+            raise
+        raise FloatingPointError(f"the network's features became non-finite in epoch {state.epoch + 1}; "
+                                 f"try a smaller --lr (now {config.lr})") from None
+    if accuracy is not None:
+        metric = knn_metric(config)
+        state.best = accuracy if state.best is None else max(state.best, accuracy)
+        record[metric] = accuracy
+        record[f"{metric}_best"] = state.best
+    mmdist.barrier()
+
+
+def _step_schedulers(schedulers) -> None:
+    with warnings.catch_warnings():
+        # A run resumed at an epoch's very end steps the schedulers before any optimizer step of this
+        # process: torch warns, but the schedule is the saved one and stays right.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        for scheduler in schedulers:
+            scheduler.step()
+
+
+def finish(run: Run, records: list[dict], started: float) -> dict:
+    """The summary, and (main process) the final files: ``backbone.pt``, ``mask.pt``, ``summary.json``, the
+    plots and the finished checkpoint."""
+    config, model, folder = run.config, run.training.model, run.folder
+    summary = run_summary(config, model, records, steps=run.state.step, train_images=run.data.num_train,
+                          best=run.state.best, references=run.state.references,
+                          training_seconds=run.training_seconds(), started=started,
+                          world_size=run.ctx.world_size, engine=run.engine)
+    if run.ctx.is_main:
         from metamask_fast.plots import write_plots
 
+        device = torch.device(config.device)
         try:
             save(model.backbone.state_dict(), folder / "backbone.pt")
             save(model.mask.state_dict(), folder / "mask.pt")
             write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
             if records:  # a run resumed from a lone final checkpoint has none
                 write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
-                            correlation=batch_correlation(model, data, config, device))
-            save(state(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
+                            correlation=batch_correlation(model, run.data, config, device))
+            save(run.checkpoint(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
         except OSError as error:
-            raise RunStopped(write_failure(Path(error.filename or folder), error, step)) from None
+            raise RunStopped(write_failure(Path(error.filename or folder), error, run.state.step)) from None
     mmdist.barrier()
     return summary
 
@@ -486,14 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = load_data(config, device, ctx, origin)
         engine = engine_record(config.device, config.precision)
         if ctx.is_main:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                for partial in [p for p in folder.iterdir() if is_partial_write(p)]:
-                    partial.unlink()  # a write cut short by a kill; the complete file it was replacing is kept
-                write_text(folder / "config.yaml", cfg.to_yaml(config))
-            except OSError as error:
-                raise ConfigError(f"{cfg.where(origin, 'output_dir')}: cannot write to {str(folder)!r}: "
-                                  f"{error.strerror or error}") from None
+            open_run_folder(folder, config, origin)
             print(f"{PROG}: {engine_line(engine)}", flush=True)  # first: a run never hides what it runs on
             print(cfg.to_yaml(config), end="")
             if checkpoint is not None:

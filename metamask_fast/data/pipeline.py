@@ -31,7 +31,8 @@ from metamask_fast.data.digits import DigitsSplit, load_digits_split
 from metamask_fast.data.formats import DatasetError, ImageSet, load_images, pil_image
 
 __all__ = ["mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
-           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader", "shuffled_batches", "Data", "load_data"]
+           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader", "shuffled_batches",
+           "Data", "load_data"]
 
 
 def mix(*values: int) -> int:
