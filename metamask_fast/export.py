@@ -56,6 +56,45 @@ def write_embeddings(
     ``labels`` an int64 tensor ``[N]`` (-1 for unlabeled samples is fine) or None, ``names`` a list or tuple
     of N strings. The folder of ``path`` must exist.
     """
+    path = _check_arguments(path, features, labels, names, csv)
+    features = features.detach().to("cpu").contiguous().clone()
+    labels = None if labels is None else labels.detach().to("cpu").contiguous().clone()
+    names = list(names)
+    stem = path.with_suffix("")
+
+    writers: list[tuple[Path, Callable]] = []
+    if path.suffix == ".pt":
+        record = {"features": features, "labels": labels, "names": names}
+        writers.append((path, lambda f: torch.save(record, f)))
+    else:
+        array = (features.float() if features.dtype == torch.bfloat16 else features).numpy()
+        writers.append((path, lambda f: np.save(f, array, allow_pickle=False)))
+        if labels is not None:
+            writers.append((_sibling(stem, ".labels.npy"), lambda f: np.save(f, labels.numpy(), allow_pickle=False)))
+        lines = "".join(name + "\n" for name in names).encode("utf-8")
+        writers.append((_sibling(stem, ".names.txt"), lambda f: f.write(lines)))
+    if csv:
+        writers.append((_sibling(stem, ".csv"), lambda f: _write_csv(f, features, labels, names)))
+
+    for target, _ in writers:
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(f"{str(target)!r} exists; write_embeddings does not overwrite, so nothing was "
+                                  f"written (choose another path or remove it)")
+    written: list[Path] = []
+    try:
+        for target, write in writers:
+            _write_atomically(target, write)
+            written.append(target)
+    except BaseException:
+        for target in written:
+            target.unlink(missing_ok=True)
+        raise
+    return written
+
+
+
+def _check_arguments(path, features, labels, names, csv: bool) -> Path:
+    """:func:`write_embeddings`' checks, each error naming its argument; returns ``path`` as a Path."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
@@ -92,40 +131,7 @@ def write_embeddings(
         if path.suffix == ".npy" and _breaks_lines(name):
             raise ValueError(f"names[{index}] = {name!r} holds a line break, which <stem>.names.txt (one name "
                              f"per line) cannot hold; use a .pt path or remove it")
-
-    features = features.detach().to("cpu").contiguous().clone()
-    labels = None if labels is None else labels.detach().to("cpu").contiguous().clone()
-    names = list(names)
-    stem = path.with_suffix("")
-
-    writers: list[tuple[Path, Callable]] = []
-    if path.suffix == ".pt":
-        record = {"features": features, "labels": labels, "names": names}
-        writers.append((path, lambda f: torch.save(record, f)))
-    else:
-        array = (features.float() if features.dtype == torch.bfloat16 else features).numpy()
-        writers.append((path, lambda f: np.save(f, array, allow_pickle=False)))
-        if labels is not None:
-            writers.append((_sibling(stem, ".labels.npy"), lambda f: np.save(f, labels.numpy(), allow_pickle=False)))
-        lines = "".join(name + "\n" for name in names).encode("utf-8")
-        writers.append((_sibling(stem, ".names.txt"), lambda f: f.write(lines)))
-    if csv:
-        writers.append((_sibling(stem, ".csv"), lambda f: _write_csv(f, features, labels, names)))
-
-    for target, _ in writers:
-        if target.exists() or target.is_symlink():
-            raise FileExistsError(f"{str(target)!r} exists; write_embeddings does not overwrite, so nothing was "
-                                  f"written (choose another path or remove it)")
-    written: list[Path] = []
-    try:
-        for target, write in writers:
-            _write_atomically(target, write)
-            written.append(target)
-    except BaseException:
-        for target in written:
-            target.unlink(missing_ok=True)
-        raise
-    return written
+    return path
 
 
 def _sibling(stem: Path, suffix: str) -> Path:
