@@ -1,5 +1,7 @@
-"""A finished (or checkpointed) run folder as the evaluation commands see it: its settings, the trained
-backbone with its mask, and the frozen, masked features of a dataset split.
+"""A finished run folder as the evaluation commands see it: its settings, network and features of a split.
+
+A finished (or checkpointed) run's settings, the trained backbone with its mask, and the frozen, masked
+features of a dataset split.
 
 Shared by ``python -m metamask_fast.linear`` and ``python -m metamask_fast.embed``. Errors are
 :class:`~metamask_fast.config.ConfigError` whose message starts with the argument to fix.

@@ -1,5 +1,7 @@
-"""The augmentation recipes: the digits' weak affine/contrast/noise views (whole batches of tensors) and
-SimCLR's views of PIL images (CIFAR, STL-10, image folders), with each dataset's normalisation.
+"""The augmentation recipes: the digits' weak affine/contrast/noise views and SimCLR's views of images.
+
+Both with each dataset's normalisation: the digits' views are made for whole batches of tensors, SimCLR's for
+PIL images (CIFAR, STL-10, image folders).
 
 :class:`DigitAugmentation` draws every random number from a caller-supplied ``torch.Generator``, so a run is
 reproducible from its seed; :func:`simclr_augmentation` and :func:`eval_transform` are torchvision
