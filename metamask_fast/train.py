@@ -20,6 +20,13 @@ the processes and the losses see the gathered embeddings (:mod:`metamask_fast.di
 ``--method barlowtwins`` and ``--method simclr`` train the same network on one loss alone, with the mask
 frozen at the identity (no sigmoid, every entry 1, no optimizer).
 
+This module reads as the loop runs: the command line (:func:`parse_config`), the parts a run trains
+(:func:`build_training`; :func:`fresh_state`, or :func:`metamask_fast.runfolder.restore` from a checkpoint),
+the loop (:func:`train`: :func:`train_one_epoch`, :func:`epoch_record` and :func:`evaluate` per epoch, then
+:func:`finish`), :func:`main`, and last the signal and divergence helpers. The data is
+:mod:`metamask_fast.data`, the step :mod:`metamask_fast.meta`, the run folder :mod:`metamask_fast.runfolder`,
+what a run reports :mod:`metamask_fast.reporting`.
+
 Digits defaults: 50 epochs, batch 128 (11 steps per epoch), SGD momentum 0.9 and weight decay 5e-4 for both
 optimizers, lr 3e-5 for the network and 0.3 for the mask, cosine per epoch, finite-difference second order.
 Seed 0 on the 2-core CPU, 126 s: kNN top-1 (k=200) 77.50 % at random initialisation, 91.67 % after
@@ -155,58 +162,6 @@ def _resolve_device(requested: str | None) -> str:
             f"argument --device: {requested!r} does not exist ({torch.cuda.device_count()} CUDA device(s))"
         )
     return str(device)
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-class _Stopper:
-    """Turns SIGINT/SIGTERM into a flag the loop reads between steps (a step is never cut in half)."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading_is_main():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _weights_finite(model: MetaMaskModel) -> bool:
-    """Whether every weight and buffer is finite (one pass per dtype through the compiled norm)."""
-    from metamask_fast import ops
-
-    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and t.numel()]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    return all(math.isfinite(float(ops.global_norm(group))) for group in by_dtype.values())
-
-
-def _has_diverged(model: MetaMaskModel, images: torch.Tensor) -> bool:
-    """Whether a weight, or an embedding of (finite) ``images`` in training mode, is inf or nan."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        return True
-    with torch.no_grad():
-        return not all(torch.isfinite(z).all() for z in model(images))
 
 
 # ---------------------------------------------------------------------------------------------- the parts
@@ -464,16 +419,6 @@ def finish(run: Run, records: list[dict], started: float) -> dict:
     return summary
 
 
-def _stop_requested(stopper: _Stopper, ctx: mmdist.DistContext) -> bool:
-    """Whether any process got a signal (all processes stop at the same step)."""
-    requested = stopper.signum is not None
-    if not ctx.is_distributed:
-        return requested
-    flag = torch.tensor([float(requested)], device=ctx.device if ctx.device.startswith("cuda") else "cpu")
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     ctx = None
@@ -531,6 +476,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ctx.is_main:
         print_summary(summary, config, folder)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- signals and divergence
+
+
+class _Stopper:
+    """Turns SIGINT/SIGTERM into a flag the loop reads between steps (a step is never cut in half)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading_is_main():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _weights_finite(model: MetaMaskModel) -> bool:
+    """Whether every weight and buffer is finite (one pass per dtype through the compiled norm)."""
+    from metamask_fast import ops
+
+    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and t.numel()]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    return all(math.isfinite(float(ops.global_norm(group))) for group in by_dtype.values())
+
+
+def _has_diverged(model: MetaMaskModel, images: torch.Tensor) -> bool:
+    """Whether a weight, or an embedding of (finite) ``images`` in training mode, is inf or nan."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return True
+    with torch.no_grad():
+        return not all(torch.isfinite(z).all() for z in model(images))
+
+
+def _stop_requested(stopper: _Stopper, ctx: mmdist.DistContext) -> bool:
+    """Whether any process got a signal (all processes stop at the same step)."""
+    requested = stopper.signum is not None
+    if not ctx.is_distributed:
+        return requested
+    flag = torch.tensor([float(requested)], device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
 
 
 if __name__ == "__main__":
