@@ -1,19 +1,23 @@
 """The MetaMask training step: a regular step on the network, then a meta-gradient step on the mask.
 
 ``MetaMaskStep.step(x0, x1)`` runs SPEC §1 in its faithful order. With θ the network weights, ``M`` the
-mask, ``L = L_bt + w_cl · L_cl`` and η, μ, wd the network optimizer's lr, momentum and weight decay:
+mask, ``L = L_bt + w_cl · L_cl`` and ``U(θ, g)`` the network optimizer's update from gradient ``g``
+(``torch.optim.SGD``, ``torch.optim.AdamW`` or :class:`metamask_fast.optim.LARS`; :mod:`metamask_fast.optim`):
 
-1. ``θ_{t+1} = SGD(θ_t, ∇_θ L(θ_t, M))``; the mask gets no gradient from ``L``
+1. ``θ_{t+1} = U(θ_t, ∇_θ L(θ_t, M))``, the optimizer's real step; the mask gets no gradient from ``L``
    (:meth:`MetaMaskStep._regular_step`).
-2. ``g = ∇_θ L_cl(θ_{t+1}, M)``; virtual weights ``θ' = θ_{t+1} - η · (μ · buf + g + wd · θ_{t+1})``
-   (the update SGD would make, without touching its momentum buffers; weights with no ``L_cl`` gradient,
-   the Barlow Twins head, keep ``θ' = θ_{t+1}``) (:meth:`MetaMaskStep._virtual_step`).
+2. ``g = ∇_θ L_cl(θ_{t+1}, M)``; virtual weights ``θ' = U(θ_{t+1}, g)``, the update the optimizer would
+   make, reading its state (momentum buffers, Adam moments, step count) without writing it; for the
+   authors' SGD ``θ' = θ_{t+1} - η · (μ · buf + g + wd · θ_{t+1})``. Weights with no ``L_cl`` gradient,
+   the Barlow Twins head, keep ``θ' = θ_{t+1}`` (:meth:`MetaMaskStep._virtual_step`).
 3. Direct term ``∂_m L_cl(θ', M)`` and ``v = ∇_θ' L_cl(θ', M)`` (:meth:`MetaMaskStep._outer_gradient`).
-4. ``second_order="finite_difference"``: ``R = r / ‖v‖``,
-   ``HVP ≈ (∂_m L_cl(θ_{t+1} + R v, M) - ∂_m L_cl(θ_{t+1} - R v, M)) / 2R`` and the mask gradient is
-   ``direct - η · HVP``. ``second_order="exact"``: the same with the exact
-   ``HVP = ∂_m ⟨∇_θ L_cl(θ_{t+1}, M), v⟩``, the finite difference's limit as r → 0, computed by
-   forward-mode differentiation of the mask gradient along v (:func:`torch.func.jvp`).
+4. ``u = J_Uᵀ v``, the vector-Jacobian product of the update with respect to ``g`` (for SGD ``−lr·c·v`` per
+   group, ``c`` the gradient's weight in the step; the authors' ``−η·v``), and the mask gradient
+   ``direct + ∂_m ⟨∇_θ L_cl(θ_{t+1}, M), u⟩``, the exact one-step hypergradient.
+   ``second_order="finite_difference"`` estimates the second term as
+   ``(∂_m L_cl(θ_{t+1} + R u, M) - ∂_m L_cl(θ_{t+1} - R u, M)) / 2R`` with ``R = r / ‖u‖`` (for the authors'
+   SGD this is their ``direct - η · HVP``); ``second_order="exact"`` computes it, the finite difference's
+   limit as r → 0, by forward-mode differentiation of the mask gradient along u (:func:`torch.func.jvp`);
    ``second_order="none"`` (first order) uses the direct term alone (:meth:`MetaMaskStep._second_order_term`).
 5. The mask optimizer steps with that gradient (:meth:`MetaMaskStep._mask_update`).
 
@@ -62,6 +66,7 @@ from metamask_fast import _tangents, ops
 from metamask_fast import distributed as mmdist
 from metamask_fast._checks import check_number
 from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
+from metamask_fast.optim import check_network_optimizer, sgd_vjp_factors, update_vjp, virtual_update
 
 __all__ = ["MetaMaskStep", "SingleLossStep"]
 
@@ -124,6 +129,11 @@ def _loss(loss_fn, z_a: torch.Tensor, z_b: torch.Tensor, *args) -> torch.Tensor:
         return (z_a.sum() + z_b.sum()) * float("nan")
 
 
+def _scaled(loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · loss`` (solo-learn's ``scale_loss`` of the Barlow Twins term); ``loss`` itself at 1."""
+    return loss if scale == 1.0 else scale * loss
+
+
 def _check_distributed(distributed: bool) -> None:
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
@@ -172,7 +182,7 @@ def _mask_skipped(losses, clock, loss_virtual=None, mask_grad=None) -> dict[str,
 
 
 def _check_arguments(
-    model, net_optimizer, mask_optimizer, *, weight_cl, lambd, temperature, second_order, fd_radius,
+    model, net_optimizer, mask_optimizer, *, weight_cl, scale_loss, lambd, temperature, second_order, fd_radius,
     meta_interval, precision, channels_last, compile_backbone, timings, distributed,
 ) -> None:
     """The checks of :class:`MetaMaskStep`'s arguments (those of the optimizers' parameter groups aside,
@@ -180,16 +190,13 @@ def _check_arguments(
     for attr in ("backbone", "bt_head", "cl_head", "mask"):
         if not hasattr(model, attr):
             raise TypeError(f"model must be a MetaMaskModel (with .{attr}), got {type(model).__name__}")
-    if not isinstance(net_optimizer, torch.optim.SGD):
-        raise TypeError(
-            "net_optimizer must be a torch.optim.SGD: the virtual step of MetaMask is an SGD step, "
-            f"got {type(net_optimizer).__name__}"
-        )
+    check_network_optimizer(net_optimizer)
     if not isinstance(mask_optimizer, torch.optim.Optimizer):
         raise TypeError(f"mask_optimizer must be a torch.optim.Optimizer, got {type(mask_optimizer).__name__}")
     if not isinstance(second_order, str) or second_order not in _SECOND_ORDER:
         raise ValueError(f"second_order must be one of {_SECOND_ORDER}, got {second_order!r}")
     check_number("weight_cl", weight_cl, minimum=0)
+    check_number("scale_loss", scale_loss, minimum=0, strict=True)
     check_number("lambd", lambd, minimum=0)
     check_number("temperature", temperature, minimum=0, strict=True)
     check_number("fd_radius", fd_radius, minimum=0, strict=True)
@@ -240,10 +247,14 @@ def _network_groups(model, net_optimizer, mask_optimizer) -> list[tuple[dict, li
 class MetaMaskStep:
     """One MetaMask training step per call; see the module docstring for the math.
 
-    ``model``: a :class:`~metamask_fast.models.MetaMaskModel`. ``net_optimizer``: a ``torch.optim.SGD``
-    over the network weights (every trainable parameter but ``model.mask.logits``); its lr, momentum,
-    dampening, weight decay and nesterov flag define the virtual step, and η of the second-order term is
-    the lr of its first parameter group. ``mask_optimizer``: any optimizer over ``model.mask.logits``.
+    ``model``: a :class:`~metamask_fast.models.MetaMaskModel`. ``net_optimizer``: ``torch.optim.SGD`` (any
+    options and parameter groups), ``torch.optim.AdamW`` (not amsgrad) or :class:`metamask_fast.optim.LARS`
+    over the network weights (every trainable parameter but ``model.mask.logits``); its update, with each
+    group's settings, is the virtual step, and its vector-Jacobian product the second-order term's
+    direction. Any other optimizer is refused. ``mask_optimizer``: any optimizer over ``model.mask.logits``.
+
+    ``scale_loss``: the Barlow Twins loss's weight in step 1, ``L = scale_loss · L_bt + weight_cl · L_cl``
+    (solo-learn's ``scale_loss``; the reported ``loss_bt`` is unscaled).
 
     ``second_order``: ``"finite_difference"`` (the authors' estimate, the default), ``"exact"`` (the mixed
     second derivative it estimates, by forward-mode differentiation) or ``"none"`` (first order).
@@ -278,6 +289,7 @@ class MetaMaskStep:
         mask_optimizer: torch.optim.Optimizer,
         *,
         weight_cl: float = 10.0,
+        scale_loss: float = 1.0,
         lambd: float = 5e-3,
         temperature: float = 0.07,
         second_order: str = "finite_difference",
@@ -290,7 +302,8 @@ class MetaMaskStep:
         distributed: bool = False,
     ):
         _check_arguments(
-            model, net_optimizer, mask_optimizer, weight_cl=weight_cl, lambd=lambd, temperature=temperature,
+            model, net_optimizer, mask_optimizer, weight_cl=weight_cl, scale_loss=scale_loss, lambd=lambd,
+            temperature=temperature,
             second_order=second_order, fd_radius=fd_radius, meta_interval=meta_interval, precision=precision,
             channels_last=channels_last, compile_backbone=compile_backbone, timings=timings, distributed=distributed,
         )
@@ -301,6 +314,7 @@ class MetaMaskStep:
         self.net_optimizer = net_optimizer
         self.mask_optimizer = mask_optimizer
         self.weight_cl = float(weight_cl)
+        self.scale_loss = float(scale_loss)
         self.lambd = float(lambd)
         self.temperature = float(temperature)
         self.second_order = second_order
@@ -360,29 +374,44 @@ class MetaMaskStep:
 
     def _virtual_weights(self, grads) -> dict[str, torch.Tensor]:
         """θ' of step 2 for every weight with a gradient, as leaves that require grad."""
-        state = self.net_optimizer.state
         virtual = {}
-        start = 0
-        # The optimizer's live groups: load_state_dict replaces the group dicts (and with them lr, momentum…),
-        # so the ones seen at construction may be stale. Their parameters are the same tensors.
-        for group, (_, names) in zip(self.net_optimizer.param_groups, self._groups, strict=True):
-            params = group["params"]
-            group_grads = grads[start : start + len(params)]
-            start += len(params)
-            updated = ops.virtual_sgd_step(
-                params,
-                group_grads,
-                [state[p].get("momentum_buffer") for p in params],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-            )
+        for group, names, group_grads in self._live_groups(grads):
+            updated = virtual_update(self.net_optimizer, group, group["params"], group_grads)
             for name, g, w in zip(names, group_grads, updated):
                 if g is not None:
                     virtual[name] = w.detach().requires_grad_()
         return virtual
+
+    def _live_groups(self, values: list):
+        """``(group, names, values of its parameters)`` per parameter group of the network optimizer, with
+        ``values`` in the order of :attr:`_params`. The optimizer's live groups: ``load_state_dict`` replaces
+        the group dicts (and with them lr, momentum…), so the ones seen at construction may be stale; their
+        parameters are the same tensors."""
+        start = 0
+        for group, (_, names) in zip(self.net_optimizer.param_groups, self._groups, strict=True):
+            count = len(group["params"])
+            yield group, names, values[start : start + count]
+            start += count
+
+    def _hypergradient_direction(self, v: dict[str, torch.Tensor], grads: list) -> tuple[float | None, dict]:
+        """``u = J_Uᵀ v`` of the network optimizer's update at step 2's gradients ``grads``, as
+        ``(scale, direction)``: for SGD with one factor ``f = −lr·c`` for every weight with a direction,
+        ``(f, v)`` (``u = f·v``, the authors' ``−η·v`` in their setting, kept as a scale so that their step
+        is reproduced to the bit); otherwise ``(None, u)`` by name."""
+        sgd = isinstance(self.net_optimizer, torch.optim.SGD)
+        if sgd:
+            factors = {name: f for group, names, _ in self._live_groups(self._params)
+                       for name, f in zip(names, sgd_vjp_factors(self.net_optimizer, group, group["params"]))}
+            distinct = {factors[name] for name in v}
+            if len(distinct) == 1:
+                return distinct.pop(), v
+        u = {}
+        for group, names, group_grads in self._live_groups(grads):
+            vectors = [v.get(name) for name in names]
+            for name, w in zip(names, update_vjp(self.net_optimizer, group, group["params"], group_grads, vectors)):
+                if w is not None:
+                    u[name] = w
+        return None, u
 
     def _perturbed_like(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         """The kept tensors for θ ± R v, (re)allocated when the weights with a direction change."""
@@ -535,7 +564,7 @@ class MetaMaskStep:
             values = torch.stack([loss.detach() for loss in losses]).tolist()
             return _report(_LOSS_KEYS, values, clock, meta_step=0.0, skipped=float(skipped))
 
-        virtual, records = self._virtual_step(x0, x1)
+        virtual, records, grads = self._virtual_step(x0, x1)
         clock.lap("virtual")
         if virtual is None:
             return _mask_skipped(losses, clock)
@@ -546,7 +575,7 @@ class MetaMaskStep:
         if not finite:
             return _mask_skipped(losses, clock, loss_virtual, direct)
 
-        mask_grad = self._second_order_term(direct, v, v_norm, buffers, x0, x1, records)
+        mask_grad = self._second_order_term(direct, v, v_norm, grads, buffers, x0, x1, records)
         clock.lap("second_order")
 
         return self._mask_update(mask_grad, losses, loss_virtual, clock)
@@ -566,7 +595,7 @@ class MetaMaskStep:
             z0_bt, z1_bt, z0_cl, z1_cl = self._global(z0_bt, z1_bt, z0_cl, z1_cl)
             loss_bt = _loss(barlow_twins_loss, z0_bt, z1_bt, self.lambd)
             loss_cl = _loss(nt_xent_loss, z0_cl, z1_cl, self.temperature)
-            loss = loss_bt + self.weight_cl * loss_cl
+            loss = _scaled(loss_bt, self.scale_loss) + self.weight_cl * loss_cl
         grads = _gradients(loss, params)
         self._average(grads)
         # ``loss`` carries a NaN or an infinity of either loss (0 · inf is NaN too).
@@ -579,15 +608,17 @@ class MetaMaskStep:
         self.net_optimizer.zero_grad(set_to_none=True)
         return (loss, loss_bt, loss_cl), False
 
-    def _virtual_step(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[dict[str, torch.Tensor] | None, list | None]:
+    def _virtual_step(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[dict[str, torch.Tensor] | None, list | None,
+                                                                        list]:
         """Step 2, the virtual step: θ' = the network optimizer's update, read-only on its state.
 
         ``g = ∇_θ L_cl(θ_{t+1}, M)`` through the real modules (their BatchNorm running statistics are put
         back: they move once per step), averaged over the ranks with ``distributed``; then θ', the update
         the network optimizer would make from ``g`` without touching its state (:meth:`_virtual_weights`).
 
-        Returns θ' by name (None when ``L_cl`` or ``g`` is not finite) and, for the exact second-order term
-        with a traced backbone, the forwards of both views recorded at θ_{t+1} (None otherwise)."""
+        Returns θ' by name (None when ``L_cl`` or ``g`` is not finite), for the exact second-order term with
+        a traced backbone the forwards of both views recorded at θ_{t+1} (None otherwise), and ``g`` (in the
+        order of :attr:`_params`), at which the second-order term differentiates the update."""
         model, params = self.model, self._params
         statistics = _running_statistics(model)
         records = None
@@ -604,8 +635,8 @@ class MetaMaskStep:
         self._average(grads)
         _restore(statistics)  # after the backward, which saved the buffers it read
         if not bool(_all_finite([loss_next, *grads])):
-            return None, records
-        return self._virtual_weights(grads), records
+            return None, records, grads
+        return self._virtual_weights(grads), records, grads
 
     def _outer_gradient(self, virtual: dict[str, torch.Tensor], buffers, x0: torch.Tensor, x1: torch.Tensor):
         """Step 3 at θ' (``virtual``), on the scratch BatchNorm ``buffers``: the direct mask gradient
@@ -628,19 +659,21 @@ class MetaMaskStep:
             finite = finite & torch.isfinite(v_norm).to(finite.device)
         return loss_virtual, direct, directions, v_norm, bool(finite)
 
-    def _second_order_term(self, direct, v, v_norm, buffers, x0, x1, records) -> torch.Tensor:
-        """Step 4 around θ_{t+1}: the mask gradient ``direct - η · HVP``, with the central finite difference
-        (:meth:`_finite_difference_hvp`, on the scratch ``buffers``, ``v_norm`` being ‖v‖) or the exact
-        term (:meth:`_exact_hvp`, from step 2's ``records``; in float32 also under bfloat16 autocast, as
-        the finite difference); ``direct`` itself with ``second_order="none"`` or an empty ``v``."""
+    def _second_order_term(self, direct, v, v_norm, grads, buffers, x0, x1, records) -> torch.Tensor:
+        """Step 4 around θ_{t+1}: the mask gradient ``direct + ∂_m ⟨∇_θ L_cl(θ_{t+1}, M), u⟩`` with
+        ``u = J_Uᵀ v`` (:meth:`_hypergradient_direction`; for the authors' SGD ``u = −η·v``, so the term is
+        their ``−η · HVP``), by the central finite difference along ``u`` (:meth:`_finite_difference_hvp`,
+        on the scratch ``buffers``; ``v_norm`` is ‖v‖) or exactly (:meth:`_exact_hvp`, from step 2's
+        ``records``; in float32 also under bfloat16 autocast, as the finite difference); ``direct`` itself
+        with ``second_order="none"`` or an empty ``v``."""
         if self.second_order == "none" or not v:
             return direct
-        eta = self.net_optimizer.param_groups[0]["lr"]
+        scale, direction = self._hypergradient_direction(v, grads)
         if self.second_order == "exact":
-            hvp = self._exact_hvp(v, x0, x1, records)
+            hvp = self._exact_hvp(direction, x0, x1, records)
         else:
-            hvp = self._finite_difference_hvp(v, buffers, x0, x1, norm=v_norm)
-        return direct - eta * hvp
+            hvp = self._finite_difference_hvp(direction, buffers, x0, x1, norm=v_norm if scale is not None else None)
+        return direct + hvp if scale is None else direct + scale * hvp
 
     def _mask_update(self, mask_grad: torch.Tensor, losses, loss_virtual: torch.Tensor, clock) -> dict[str, float]:
         """Step 5: the mask optimizer steps with ``mask_grad`` when it is finite (the check of the
@@ -668,7 +701,8 @@ class SingleLossStep:
     embeddings gathered from all ranks and the gradients (``.grad`` of the optimizer's parameters) are
     averaged over the ranks before the optimizer steps. ``precision="bf16"``: the forwards run under
     bfloat16 autocast and the losses in float32, as in MetaMaskStep. ``channels_last``: the model's 4-d
-    weights are converted once, here, and 4-d inputs at every step.
+    weights are converted once, here, and 4-d inputs at every step. ``scale_loss``: the trained loss is
+    ``scale_loss · L_bt`` for ``"barlowtwins"`` (``loss_bt`` reported unscaled).
 
     ``step`` returns ``loss``, ``loss_bt``, ``loss_cl`` and ``skipped``: 1.0 when the trained loss or a
     gradient of the optimizer's parameters was not finite (checked after the distributed averaging, one
@@ -679,7 +713,7 @@ class SingleLossStep:
 
     def __init__(self, model: MetaMaskModel, optimizer: torch.optim.Optimizer, *, method: str,
                  lambd: float, temperature: float, distributed: bool = False, precision: str = "fp32",
-                 channels_last: bool = False):
+                 channels_last: bool = False, scale_loss: float = 1.0):
         if method not in ("barlowtwins", "simclr"):
             raise ValueError(f"method must be 'barlowtwins' or 'simclr', got {method!r}")
         if precision not in ("fp32", "bf16"):
@@ -689,6 +723,7 @@ class SingleLossStep:
         _check_distributed(distributed)
         self.model, self.optimizer, self.method = model, optimizer, method
         self.lambd, self.temperature = lambd, temperature
+        self.scale_loss = float(check_number("scale_loss", scale_loss, minimum=0, strict=True))
         self.distributed, self.precision, self.channels_last = distributed, precision, channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -712,10 +747,10 @@ class SingleLossStep:
                 z_cl0.detach() if trained else z_cl0, z_cl1.detach() if trained else z_cl1,
             ])
         if self.method == "barlowtwins":
-            loss = _loss(barlow_twins_loss, z_bt0, z_bt1, self.lambd)
+            loss_bt = _loss(barlow_twins_loss, z_bt0, z_bt1, self.lambd)
+            loss = _scaled(loss_bt, self.scale_loss)
             with torch.no_grad():
-                other = _loss(nt_xent_loss, z_cl0.detach(), z_cl1.detach(), self.temperature)
-            loss_bt, loss_cl = loss, other
+                loss_cl = _loss(nt_xent_loss, z_cl0.detach(), z_cl1.detach(), self.temperature)
         else:
             loss = _loss(nt_xent_loss, z_cl0, z_cl1, self.temperature)
             with torch.no_grad():

@@ -15,6 +15,7 @@ from torch import nn
 from metamask_fast import distributed as mmdist
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel
+from metamask_fast.optim import LARS
 
 WORLD = 2
 LOCAL = 5  # samples per rank; the global batch has WORLD * LOCAL
@@ -44,7 +45,18 @@ def batches(seed, steps):
 def make_step(model, kind, options, distributed):
     if kind == "metamask":
         network = [p for name, p in model.named_parameters() if not name.startswith("mask.")]
-        net = torch.optim.SGD(network, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        options = dict(options)
+        optimizer = options.pop("optimizer", "sgd")
+        if optimizer == "lars":
+            net = LARS(network, lr=0.05, weight_decay=5e-4, eta=0.02, weight_decay_filter=True,
+                       lars_adaptation_filter=True)
+        elif optimizer == "adamw":
+            # The weights only: the biases before a BatchNorm (and the Barlow Twins head's last one) have a
+            # gradient of rounding noise alone, which Adam's normalisation turns into full steps that differ
+            # with the summation order of one process and two.
+            net = torch.optim.AdamW([p for p in network if p.ndim > 1], lr=1e-3, weight_decay=5e-2)
+        else:
+            net = torch.optim.SGD(network, lr=0.05, momentum=0.9, weight_decay=5e-4)
         mask = torch.optim.SGD([model.mask.logits], lr=0.5, momentum=0.9, weight_decay=5e-4)
         return MetaMaskStep(model, net, mask, distributed=distributed, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -209,6 +221,8 @@ METAMASK_CASES = [
     pytest.param({"second_order": "finite_difference"}, 2, id="finite_difference"),
     pytest.param({"second_order": "none"}, 2, id="first_order"),
     pytest.param({"second_order": "finite_difference", "meta_interval": 2}, 3, id="meta_interval_2"),
+    pytest.param({"second_order": "finite_difference", "optimizer": "lars"}, 2, id="lars"),
+    pytest.param({"second_order": "finite_difference", "optimizer": "adamw"}, 2, id="adamw"),
 ]
 
 
