@@ -33,6 +33,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder")
 BACKBONES = ("digits_convnet", "resnet18", "resnet34", "resnet50")
 SECOND_ORDER_MODES = ("finite_difference", "exact", "none")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -60,6 +61,7 @@ class TrainConfig:
     data_dir: str = "data"
     download: bool = False
     image_size: int | None = None
+    augmentation: str = "simclr"
     workers: int | None = None
     # model
     backbone: str | None = None
@@ -74,15 +76,22 @@ class TrainConfig:
     second_order: str = "finite_difference"
     fd_radius: float = 1e-2
     meta_interval: int = 1
-    # optimisation (SGD with momentum for the network and the mask, cosine annealing per epoch)
+    scale_loss: float = 1.0
+    # optimisation (the network's optimizer, SGD with momentum for the mask; cosine annealing per epoch, or per
+    # step after a linear warm-up)
     epochs: int = 50
     batch_size: int = 128
-    # The Barlow Twins gradient is large on the digits net (the loss starts near 300 for 512 dimensions):
-    # larger rates pushed kNN accuracy below the random network's (sweep in metamask_fast/train.py).
-    lr: float = 3e-5
+    optimizer: str = "sgd"
+    lr: float | None = None  # per optimizer: DEFAULT_LR
+    lr_biases: float | None = None
     mask_lr: float = 0.3
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    eta: float = 0.02
+    exclude_bias_norm: bool = False
+    betas: tuple[float, ...] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_epochs: int = 0
     precision: str = "fp32"
     channels_last: bool = False
     # run
@@ -101,6 +110,13 @@ class TrainConfig:
 # Settings that change how a run executes, not what it computes: a run may resume with other values.
 RUNTIME_FIELDS = ("data_dir", "download", "workers", "device", "output_dir", "checkpoint_every", "knn_every",
                   "log_every", "progress", "max_bad_steps")
+
+# The network's learning rate per optimizer when none is given. SGD: the Barlow Twins gradient is large on the
+# digits net (the loss starts near 300 for 512 dimensions), and larger rates pushed kNN accuracy below the
+# random network's (sweep in metamask_fast/train.py). LARS and AdamW: 2-epoch digits runs above the random
+# network (issue 17's note).
+DEFAULT_LR = {"sgd": 3e-5, "lars": 0.3, "adamw": 1e-3}
+DEFAULT_LARS_LR_BIASES = 3e-5
 
 # The SPEC §1 heads for the ResNets; the digits net's 64-d features get the authors' shapes scaled down.
 _HEADS = {"digits_convnet": ((512, 512, 512), (256, 128))}
@@ -180,6 +196,20 @@ def _text(*, optional: bool = False) -> Callable[[Any], Any]:
     return convert
 
 
+def _betas(value):
+    items = value.split(",") if isinstance(value, str) else value
+    message = f"must be two numbers in [0, 1) (e.g. 0.9,0.999), got {value!r}"
+    if not isinstance(items, (list, tuple)) or len(items) != 2:
+        raise ValueError(message)
+    try:
+        betas = tuple(_number(float, minimum=0)(item) for item in items)
+    except ValueError:
+        raise ValueError(message) from None
+    if not all(beta < 1 for beta in betas):
+        raise ValueError(message)
+    return betas
+
+
 def _dims(value):
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
@@ -200,6 +230,9 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "download": (_boolean, "let torchvision download CIFAR/STL-10 into --data-dir (needs a network)"),
     "image_size": (_number(int, minimum=8, optional=True),
                    "training image size; auto: 16 digits, 32 CIFAR, 96 STL-10, 64 folders"),
+    "augmentation": (_choice(("simclr", "asymmetric")), "two-view recipe of CIFAR/STL/folders: simclr (the same "
+                     "for both views) or asymmetric (solo-learn's Barlow Twins pair: saturation 0.2, solarization "
+                     "p=0.2 on the second view)"),
     "workers": (_number(int, minimum=0, optional=True),
                 "data-loading processes (image datasets); auto: min(8, CPU cores)"),
     "backbone": (_choice(BACKBONES, optional=True), "auto: digits_convnet for digits, resnet18 otherwise"),
@@ -213,14 +246,30 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "second_order": (_choice(SECOND_ORDER_MODES), "the mask's meta-gradient: finite_difference (the authors'), "
                                                   "exact or none (first order)"),
     "fd_radius": (_number(float, minimum=0, strict=True), "radius r of the finite difference"),
+    "scale_loss": (_number(float, minimum=0, strict=True), "weight of the Barlow Twins loss (solo-learn's "
+                                                          "scale_loss)"),
     "meta_interval": (_number(int, minimum=1), "the mask's meta step on every k-th step"),
     "epochs": (_number(int, minimum=1), "training epochs"),
     "batch_size": (_number(int, minimum=2), "images per step over all processes (the last incomplete batch of "
                                             "an epoch is dropped)"),
-    "lr": (_number(float, minimum=0, strict=True), "SGD learning rate of the network (cosine per epoch)"),
+    "optimizer": (_choice(OPTIMIZERS), "the network's optimizer: sgd (momentum), lars (official Barlow Twins') "
+                                       "or adamw; the mask's is SGD with momentum"),
+    "lr": (_number(float, minimum=0, strict=True, optional=True),
+           "learning rate of the network (cosine); auto: 3e-5 sgd, 0.3 lars, 1e-3 adamw (tuned on the digits)"),
+    "lr_biases": (_number(float, minimum=0, strict=True, optional=True),
+                  "learning rate of the network's 1-d weights (biases, norms) as a group of their own, as "
+                  "official Barlow Twins does; auto: 3e-5 for lars (LARS does not adapt zero-initialised "
+                  "biases, which then step by lr times their gradient), --lr otherwise"),
     "mask_lr": (_number(float, minimum=0, strict=True), "SGD learning rate of the mask (metamask only)"),
-    "momentum": (_number(float, minimum=0, maximum=1), "SGD momentum of both optimizers"),
-    "weight_decay": (_number(float, minimum=0), "SGD weight decay of both optimizers"),
+    "momentum": (_number(float, minimum=0, maximum=1), "momentum of the network's SGD or LARS and of the mask's SGD"),
+    "weight_decay": (_number(float, minimum=0), "weight decay of both optimizers (decoupled for adamw)"),
+    "eta": (_number(float, minimum=0, strict=True), "LARS trust coefficient (solo-learn's 0.02; official Barlow "
+                                                    "Twins' 0.001)"),
+    "exclude_bias_norm": (_boolean, "LARS: no weight decay and no adaptation for 1-d weights (biases, norms)"),
+    "betas": (_betas, "AdamW's betas"),
+    "adam_eps": (_number(float, minimum=0, strict=True), "AdamW's eps"),
+    "warmup_epochs": (_number(int, minimum=0), "epochs of linear warm-up (per step, from 0) before the cosine "
+                                               "schedule, which then runs per step"),
     "precision": (_choice(PRECISIONS), "fp32, or bf16 autocast for the forwards (losses and weights in fp32)"),
     "channels_last": (_boolean, "channels_last memory format for the backbone (faster convolutions on GPUs)"),
     "seed": (_number(int, minimum=0, maximum=2**63 - 1), "seed of the weights, the data order and the augmentations"),
@@ -314,6 +363,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         bt_dims=config.bt_dims or bt_dims,
         cl_dims=config.cl_dims or cl_dims,
         image_size=config.image_size or _NATIVE_SIZE[config.dataset],
+        lr=DEFAULT_LR[config.optimizer] if config.lr is None else config.lr,
+        lr_biases=(DEFAULT_LARS_LR_BIASES if config.lr_biases is None and config.optimizer == "lars"
+                   else config.lr_biases),
         workers=min(8, os.cpu_count() or 1) if config.workers is None else config.workers,
     )
 
@@ -323,14 +375,32 @@ def check(config: TrainConfig, where: Callable[[str], str]) -> None:
     if config.backbone == "digits_convnet" and config.dataset != "digits":
         raise ConfigError(f"{where('backbone')}: digits_convnet is for the 16x16 digits; use resnet18 or resnet50 "
                           f"for {config.dataset}")
+    if config.dataset == "digits" and config.augmentation != "simclr":
+        raise ConfigError(f"{where('augmentation')}: the digits have their own recipe; {config.augmentation} "
+                          "is for CIFAR, STL-10 and image folders")
+    if config.exclude_bias_norm and config.optimizer != "lars":
+        raise ConfigError(f"{where('exclude_bias_norm')}: only with --optimizer lars, got --optimizer "
+                          f"{config.optimizer}")
+    if config.warmup_epochs >= config.epochs:
+        raise ConfigError(f"{where('warmup_epochs')}: must be below --epochs {config.epochs}, got "
+                          f"{config.warmup_epochs}")
     if config.dataset == "digits" and config.image_size not in (None, 16):
         raise ConfigError(f"{where('image_size')}: the digits are 16x16, got {config.image_size}")
 
 
+# Settings added after the first checkpoint format, with the value every run before them had: a run at that
+# value has the identity (and default folder name) it had then, so that existing run folders still resume.
+LATER_FIELDS = {"augmentation": "simclr", "optimizer": "sgd", "lr_biases": None, "eta": 0.02,
+                "exclude_bias_norm": False, "betas": [0.9, 0.999], "adam_eps": 1e-8, "warmup_epochs": 0,
+                "scale_loss": 1.0}
+
+
 def identity(config: TrainConfig) -> dict[str, Any]:
-    """The settings that define what a run computes (everything but :data:`RUNTIME_FIELDS`), as JSON types."""
+    """The settings that define what a run computes (everything but :data:`RUNTIME_FIELDS`), as JSON types;
+    settings of :data:`LATER_FIELDS` only where they differ from the value runs had before them."""
     values = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {key: value for key, value in values.items() if key not in RUNTIME_FIELDS}
+    return {key: value for key, value in values.items()
+            if key not in RUNTIME_FIELDS and not (key in LATER_FIELDS and value == LATER_FIELDS[key])}
 
 
 def describe(config: TrainConfig) -> str:

@@ -63,6 +63,7 @@ from metamask_fast.info import engine as engine_record
 from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel, build_model
+from metamask_fast.optim import LARS
 from metamask_fast.reporting import Report, mask_statistics, print_summary, run_summary
 from metamask_fast.runfolder import (
     CHECKPOINT,
@@ -169,7 +170,7 @@ def _resolve_device(requested: str | None) -> str:
 
 @dataclasses.dataclass
 class Training:
-    """What a run trains: the model, the network's and the mask's optimizers with their cosine schedules,
+    """What a run trains: the model, the network's and the mask's optimizers with their schedules,
     and the step that drives them (:class:`~metamask_fast.meta.MetaMaskStep`, or
     :class:`~metamask_fast.meta.SingleLossStep` for the baselines, which have no mask optimizer)."""
 
@@ -178,9 +179,11 @@ class Training:
     mask_optimizer: torch.optim.Optimizer | None
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     stepper: MetaMaskStep | SingleLossStep
+    per_step_schedules: bool = False  # the schedulers step after every step (warm-up), else after every epoch
 
 
-def build_training(config: TrainConfig, ctx: mmdist.DistContext, device: torch.device) -> Training:
+def build_training(config: TrainConfig, ctx: mmdist.DistContext, device: torch.device,
+                   steps_per_epoch: int) -> Training:
     """The model (initialised under ``config.seed``), its optimizers, schedules and step."""
     torch.manual_seed(config.seed)
     model = build_model(config)
@@ -190,24 +193,60 @@ def build_training(config: TrainConfig, ctx: mmdist.DistContext, device: torch.d
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    network_parameters = [p for name, p in model.named_parameters() if name != "mask.logits"]
-    net_optimizer = torch.optim.SGD(network_parameters, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(net_optimizer, T_max=config.epochs)]
+    net_optimizer = build_optimizer(config, [p for name, p in model.named_parameters() if name != "mask.logits"])
+    optimizers = [net_optimizer]
     if config.method != "metamask":
         stepper = SingleLossStep(model, net_optimizer, method=config.method, lambd=config.lambd,
                                  temperature=config.temperature, distributed=ctx.is_distributed,
-                                 precision=config.precision, channels_last=config.channels_last)
-        return Training(model, net_optimizer, None, schedulers, stepper)
-    mask_optimizer = torch.optim.SGD([model.mask.logits], lr=config.mask_lr, momentum=config.momentum,
-                                     weight_decay=config.weight_decay)
-    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(mask_optimizer, T_max=config.epochs))
-    stepper = MetaMaskStep(model, net_optimizer, mask_optimizer, weight_cl=config.weight_cl,
-                           lambd=config.lambd, temperature=config.temperature,
-                           second_order=config.second_order, fd_radius=config.fd_radius,
-                           meta_interval=config.meta_interval, precision=config.precision,
-                           channels_last=config.channels_last, distributed=ctx.is_distributed)
-    return Training(model, net_optimizer, mask_optimizer, schedulers, stepper)
+                                 precision=config.precision, channels_last=config.channels_last,
+                                 scale_loss=config.scale_loss)
+        mask_optimizer = None
+    else:
+        mask_optimizer = torch.optim.SGD([model.mask.logits], lr=config.mask_lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        optimizers.append(mask_optimizer)
+        stepper = MetaMaskStep(model, net_optimizer, mask_optimizer, weight_cl=config.weight_cl,
+                               scale_loss=config.scale_loss, lambd=config.lambd, temperature=config.temperature,
+                               second_order=config.second_order, fd_radius=config.fd_radius,
+                               meta_interval=config.meta_interval, precision=config.precision,
+                               channels_last=config.channels_last, distributed=ctx.is_distributed)
+    if config.warmup_epochs == 0:  # cosine per epoch
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=config.epochs) for o in optimizers]
+    else:
+        schedule = WarmupCosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
+    return Training(model, net_optimizer, mask_optimizer, schedulers, stepper,
+                    per_step_schedules=config.warmup_epochs > 0)
+
+
+def build_optimizer(config: TrainConfig, network: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The network's optimizer of ``config.optimizer`` over ``network``; with ``config.lr_biases``, the 1-d
+    weights (biases, norms) in a second group at that rate, as official Barlow Twins does."""
+    groups: list = network
+    if config.lr_biases is not None:
+        groups = [{"params": [p for p in network if p.ndim != 1]},
+                  {"params": [p for p in network if p.ndim == 1], "lr": config.lr_biases}]
+    if config.optimizer == "lars":
+        return LARS(groups, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum, eta=config.eta,
+                    weight_decay_filter=config.exclude_bias_norm, lars_adaptation_filter=config.exclude_bias_norm)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
+                                 weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+class WarmupCosine:
+    """The learning-rate factor at step ``s`` (official Barlow Twins' and solo-learn's schedule): ``s / w``
+    during the ``w`` warm-up steps, then a cosine from 1 to 0 over the remaining steps of ``total``."""
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def fresh_state(config: TrainConfig, data: Data, training: Training, ctx: mmdist.DistContext,
@@ -268,7 +307,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
     ``folder/summary.json``. Raises :class:`Interrupted` after a signal (a checkpoint is written first).
     ``engine`` (:func:`metamask_fast.info.engine`: what the run runs on) is recorded in both."""
     device = torch.device(config.device)
-    training = build_training(config, ctx, device)
+    training = build_training(config, ctx, device, data.batches.batches_per_epoch)
     state = (fresh_state(config, data, training, ctx, device) if checkpoint is None
              else restore(checkpoint, training))
     run = Run(config, data, folder, ctx, training, state, engine)
@@ -280,14 +319,15 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
     try:
         with _Stopper() as stopper:
             while state.epoch < config.epochs:
-                lr = training.net_optimizer.param_groups[0]["lr"]
+                rates = _learning_rates(run)
                 epoch_started, first_batch = time.perf_counter(), state.batch
                 train_one_epoch(run, report, stopper)
-                record = epoch_record(run, lr, epoch_started, first_batch)
+                record = epoch_record(run, rates, epoch_started, first_batch)
                 if (state.epoch + 1) % config.knn_every == 0 or state.epoch + 1 == config.epochs:
                     evaluate(run, record)
                 report.epoch(record)
-                _step_schedulers(training.schedulers)
+                if not training.per_step_schedules:
+                    _step_schedulers(training.schedulers)
                 state.next_epoch()
                 run.stop_if_requested(stopper)
                 run.save_checkpoint()  # also after the last epoch: the final outputs below can be redone from it
@@ -315,6 +355,8 @@ def train_one_epoch(run: Run, report: Report, stopper: _Stopper) -> None:
         state.add(result, skipped)
         state.batch += 1
         state.step += 1
+        if run.training.per_step_schedules:
+            _step_schedulers(run.training.schedulers)
         report.step(state.step, state.epoch + 1, result)
         if state.bad_steps >= config.max_bad_steps:
             run.save_checkpoint()
@@ -340,23 +382,39 @@ def _step(run: Run, x0: torch.Tensor, x1: torch.Tensor) -> dict[str, float]:
                                  f"smaller --lr (now {run.config.lr})") from error
 
 
-def epoch_record(run: Run, lr: float, epoch_started: float, first_batch: int) -> dict:
+def _learning_rates(run: Run) -> dict[str, float]:
+    """The network's learning rate (its first group's) and the mask's at the current epoch's first step, as
+    the epoch's record shows them. With per-step schedules, from the schedule, so that a run resumed in the
+    middle of an epoch records what the uninterrupted run does."""
+    training = run.training
+    optimizers = [training.net_optimizer] + ([training.mask_optimizer] if training.mask_optimizer else [])
+    first_step = run.state.epoch * run.data.batches.batches_per_epoch
+    rates = []
+    for optimizer, scheduler in zip(optimizers, training.schedulers):
+        group = optimizer.param_groups[0]
+        # LambdaLR sets each rate to initial_lr · factor(step): the same product, the same bits.
+        rates.append(group["initial_lr"] * scheduler.lr_lambdas[0](first_step) if training.per_step_schedules
+                     else group["lr"])
+    return dict(zip(("lr", "mask_lr"), rates))
+
+
+def epoch_record(run: Run, rates: dict[str, float], epoch_started: float, first_batch: int) -> dict:
     """The epoch's line of ``metrics.jsonl`` (before the evaluation): the means of the step values, the
-    learning rates, the mask's statistics, images/s and seconds."""
-    config, state, training = run.config, run.state, run.training
+    learning rates at the epoch's first step (``rates``), the mask's statistics, images/s and seconds."""
+    config, state, model = run.config, run.state, run.training.model
     means = {key: total / state.counts[key] for key, total in state.sums.items()}
-    if not _weights_finite(training.model):
+    if not _weights_finite(model):
         raise FloatingPointError(f"the network's weights became non-finite in epoch {state.epoch + 1}; try "
                                  f"a smaller --lr (now {config.lr})")
     if not math.isfinite(means.get("loss", 0.0)):
         raise FloatingPointError(f"the loss became {means['loss']} in epoch {state.epoch + 1}; try a "
                                  f"smaller --lr (now {config.lr})")
-    record = {"epoch": state.epoch + 1, "step": state.step, **means, "lr": lr}
+    record = {"epoch": state.epoch + 1, "step": state.step, **means, "lr": rates["lr"]}
     if "skipped" in state.sums:
         record["skipped_steps"] = int(state.sums["skipped"])
-    if training.mask_optimizer is not None:
-        record["mask_lr"] = training.mask_optimizer.param_groups[0]["lr"]
-    record.update(mask_statistics(training.model))
+    if "mask_lr" in rates:
+        record["mask_lr"] = rates["mask_lr"]
+    record.update(mask_statistics(model))
     seconds = time.perf_counter() - epoch_started
     # The batches this process ran (after a resume, part of the epoch).
     ran = (run.data.batches.batches_per_epoch - first_batch) * config.batch_size

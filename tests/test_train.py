@@ -196,6 +196,16 @@ BAD_COMMAND_LINES = {
     "output-dir-empty": (["--output-dir", ""], "--output-dir"),
     "device-cuda-index": (["--device", "cuda:99"], "--device"),
     "unwritable-output-dir": (["--output-dir", "{blocker}/run"], "--output-dir"),
+    "unknown-optimizer": (["--optimizer", "adam"], "--optimizer"),
+    "lars-eta-zero": (["--optimizer", "lars", "--eta", "0"], "--eta"),
+    "betas-not-below-one": (["--optimizer", "adamw", "--betas", "0.9,1.0"], "--betas"),
+    "betas-one-value": (["--optimizer", "adamw", "--betas", "0.9"], "--betas"),
+    "adam-eps-zero": (["--optimizer", "adamw", "--adam-eps", "0"], "--adam-eps"),
+    "exclude-bias-norm-without-lars": (["--exclude-bias-norm"], "--exclude-bias-norm"),
+    "warmup-not-below-epochs": (["--epochs", "3", "--warmup-epochs", "3"], "--warmup-epochs"),
+    "scale-loss-zero": (["--scale-loss", "0"], "--scale-loss"),
+    "lr-biases-negative": (["--lr-biases", "-1"], "--lr-biases"),
+    "asymmetric-views-on-digits": (["--augmentation", "asymmetric"], "--augmentation"),
 }
 if not torch.cuda.is_available():
     BAD_COMMAND_LINES["device-cuda-unavailable"] = (["--device", "cuda"], "--device")

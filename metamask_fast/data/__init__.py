@@ -13,7 +13,14 @@ Every public name of the four is importable from ``metamask_fast.data`` itself.
 
 from metamask_fast.data.digits import DIGITS_IMAGE_SIZE, DIGITS_SPLIT_SEED, DigitsSplit, load_digits_split
 from metamask_fast.data.formats import DATASETS, DatasetError, ImageSet, load_images, pil_image
-from metamask_fast.data.augment import DigitAugmentation, TwoViews, eval_transform, simclr_augmentation
+from metamask_fast.data.augment import (
+    AUGMENTATIONS,
+    DigitAugmentation,
+    TwoViews,
+    eval_transform,
+    simclr_augmentation,
+    view_augmentations,
+)
 from metamask_fast.data.pipeline import (
     UNREADABLE,
     DigitsBatches,
@@ -31,7 +38,7 @@ from metamask_fast.data.pipeline import (
 __all__ = [
     "DIGITS_IMAGE_SIZE", "DIGITS_SPLIT_SEED", "DigitsSplit", "load_digits_split",
     "DATASETS", "DatasetError", "ImageSet", "load_images", "pil_image",
-    "DigitAugmentation", "TwoViews", "eval_transform", "simclr_augmentation",
+    "AUGMENTATIONS", "DigitAugmentation", "TwoViews", "eval_transform", "simclr_augmentation", "view_augmentations",
     "UNREADABLE", "DigitsBatches", "EpochBatchSampler", "ImageBatches", "LabeledImages", "SeededTwoViews",
     "epoch_order", "evaluation_loader", "mix", "readable_image", "shuffled_batches",
 ]

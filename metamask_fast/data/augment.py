@@ -19,7 +19,10 @@ from torchvision import transforms
 
 from metamask_fast.data.formats import DATASETS, ImageSet, pil_image
 
-__all__ = ["DigitAugmentation", "simclr_augmentation", "eval_transform", "TwoViews"]
+__all__ = ["AUGMENTATIONS", "DigitAugmentation", "simclr_augmentation", "view_augmentations", "eval_transform",
+           "TwoViews"]
+
+AUGMENTATIONS = ("simclr", "asymmetric")
 
 # Per-channel mean and std of each dataset's training images, for normalisation.
 _STATISTICS = {
@@ -112,24 +115,41 @@ class DigitAugmentation:
         return (jittered + noise_std * noise).clamp_(0.0, 1.0)
 
 
-def simclr_augmentation(name: str, size: int) -> transforms.Compose:
+def simclr_augmentation(name: str, size: int, *, saturation: float = 0.4,
+                        solarize: float = 0.0) -> transforms.Compose:
     """SimCLR's augmentation for a PIL image of dataset ``name``: random resized crop to ``size`` (scale 0.08
-    to 1), horizontal flip, colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale with p=0.2, Gaussian blur
-    with p=0.5 only from 64 px up (SimCLR leaves it out on CIFAR's 32 px), then the dataset's normalisation."""
+    to 1), horizontal flip, colour jitter 0.4/0.4/``saturation``/0.1 with p=0.8, grayscale with p=0.2,
+    Gaussian blur with p=0.5 only from 64 px up (SimCLR leaves it out on CIFAR's 32 px), solarization (at
+    128) with p=``solarize`` when it is above 0, then the dataset's normalisation."""
     if name not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
     steps = [
         transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
         transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
     ]
     if size >= 64:
         kernel = 2 * (size // 20) + 1  # about a tenth of the image, odd
         steps.append(transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    if solarize > 0:
+        steps.append(transforms.RandomSolarize(128, p=solarize))
     mean, std = _STATISTICS[name]
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
+
+
+def view_augmentations(recipe: str, name: str, size: int) -> tuple[transforms.Compose, transforms.Compose]:
+    """The two views' augmentations of ``recipe``: ``"simclr"`` the same for both
+    (:func:`simclr_augmentation`); ``"asymmetric"`` solo-learn's Barlow Twins pair on CIFAR, saturation 0.2
+    for both and solarization with p=0.2 on the second view only."""
+    if recipe == "simclr":
+        view = simclr_augmentation(name, size)
+        return view, view
+    if recipe == "asymmetric":
+        return (simclr_augmentation(name, size, saturation=0.2),
+                simclr_augmentation(name, size, saturation=0.2, solarize=0.2))
+    raise ValueError(f"recipe must be one of {AUGMENTATIONS}, got {recipe!r}")
 
 
 def eval_transform(name: str, size: int) -> transforms.Compose:

@@ -26,7 +26,7 @@ import torch
 from metamask_fast import config as cfg
 from metamask_fast import distributed as mmdist
 from metamask_fast.config import ConfigError, TrainConfig
-from metamask_fast.data.augment import DigitAugmentation, eval_transform, simclr_augmentation
+from metamask_fast.data.augment import DigitAugmentation, eval_transform, view_augmentations
 from metamask_fast.data.digits import DigitsSplit, load_digits_split
 from metamask_fast.data.formats import DatasetError, ImageSet, load_images, pil_image
 
@@ -95,11 +95,12 @@ _REPORTED: set = set()
 
 class SeededTwoViews(torch.utils.data.Dataset):
     """Two augmented views of image ``index``, drawn under the seed ``mix(seed, epoch, index)`` for the key
-    ``(epoch, index)``. The process's own random state is left as it was. An unreadable image is skipped:
-    :func:`readable_image`."""
+    ``(epoch, index)``. ``transform``: one augmentation for both views, or a pair, one per view. The
+    process's own random state is left as it was. An unreadable image is skipped: :func:`readable_image`."""
 
     def __init__(self, images: ImageSet, transform, seed: int):
-        self.images, self.transform, self.seed = images, transform, seed
+        self.images, self.seed = images, seed
+        self.views = tuple(transform) if isinstance(transform, (tuple, list)) else (transform, transform)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -109,7 +110,7 @@ class SeededTwoViews(torch.utils.data.Dataset):
         image, _ = readable_image(self.images, index)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix(self.seed, epoch, index))  # the CPU generator only: fast
-            return self.transform(image), self.transform(image)
+            return self.views[0](image), self.views[1](image)
 
 
 UNREADABLE = -2
@@ -171,11 +172,11 @@ class ImageBatches:
     processes that stay alive between epochs, pinned memory on CUDA, copies that overlap the step)."""
 
     def __init__(self, name: str, images: ImageSet, size: int, batch_size: int, seed: int, device: torch.device,
-                 workers: int, rank: int = 0, world_size: int = 1):
+                 workers: int, rank: int = 0, world_size: int = 1, augmentation: str = "simclr"):
         self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
         self.device = device
         self.loader = torch.utils.data.DataLoader(
-            SeededTwoViews(images, simclr_augmentation(name, size), seed),
+            SeededTwoViews(images, view_augmentations(augmentation, name, size), seed),
             batch_sampler=self.sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
@@ -274,5 +275,5 @@ def load_data(config: TrainConfig, device: torch.device, ctx: mmdist.DistContext
         data.batches = DigitsBatches(data.digits, config.batch_size, config.seed, device, ctx.rank, ctx.world_size)
     else:
         data.batches = ImageBatches(config.dataset, images, config.image_size, config.batch_size, config.seed, device,
-                                    config.workers, ctx.rank, ctx.world_size)
+                                    config.workers, ctx.rank, ctx.world_size, augmentation=config.augmentation)
     return data
