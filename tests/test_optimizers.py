@@ -20,6 +20,7 @@ from torch.func import functional_call
 from metamask_fast.functional import barlow_twins_loss, nt_xent_loss
 from metamask_fast.meta import MetaMaskStep
 from metamask_fast.models import MetaMaskModel
+from metamask_fast.optim import LARS
 
 WEIGHT_CL, LAMBD, TEMPERATURE = 10.0, 5e-3, 0.07  # MetaMaskStep's defaults
 MASK = "mask.logits"
@@ -27,14 +28,8 @@ MASK = "mask.logits"
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def LARS(*args, **kwargs):
-    from metamask_fast.optim import LARS as lars  # imported late: the module is new
-
-    return lars(*args, **kwargs)
-
-
 def is_lars(optimizer):
-    return type(optimizer).__name__ == "LARS"
+    return isinstance(optimizer, LARS)
 
 
 def smooth_model(seed):
