@@ -21,6 +21,8 @@ from PIL import Image
 from metamask_fast import runfolder
 from metamask_fast.train import main
 
+from interrupts import interrupt_at
+
 # 2 epochs of 5 steps on the digits, a checkpoint after every step.
 ARGS = ["--epochs", "2", "--batch-size", "256", "--checkpoint-every", "1", "--knn-every", "1", "--meta-interval", "2",
         "--no-progress"]
@@ -245,17 +247,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_state(tmp_path, monkeypatch, capsys):
     good = tmp_path / "good"
     with monkeypatch.context() as patch:  # the state after step 3, by a SIGTERM there
-        from metamask_fast.meta import MetaMaskStep
-
-        original, seen = MetaMaskStep.step, []
-
-        def step(self, x0, x1):
-            seen.append(1)
-            if len(seen) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return original(self, x0, x1)
-
-        patch.setattr(MetaMaskStep, "step", step)
+        interrupt_at(patch, 3)
         assert main([*ARGS, "--output-dir", str(good)]) == 128 + signal.SIGTERM
     capsys.readouterr()
     folder = tmp_path / "run"

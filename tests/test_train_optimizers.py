@@ -2,16 +2,16 @@
 
 import json
 import math
-import os
 import signal
 
 import pytest
 import torch
 
 from metamask_fast import config as cfg
-from metamask_fast.meta import MetaMaskStep
 from metamask_fast.optim import LARS
 from metamask_fast.train import WarmupCosine, main
+
+from interrupts import interrupt_at
 
 QUICK = ["--no-progress", "--batch-size", "256", "--knn-every", "1"]
 
@@ -71,15 +71,7 @@ def test_an_interrupted_lars_warm_up_run_resumes_bitwise(tmp_path, monkeypatch, 
     arguments = ["--optimizer", "lars", "--lr", "0.05", "--epochs", "3", "--warmup-epochs", "1",
                  "--checkpoint-every", "3", "--meta-interval", "2"]
     _, whole_records, whole = run(tmp_path / "whole", *arguments)
-    original, seen = MetaMaskStep.step, []
-
-    def step(self, x0, x1):
-        seen.append(1)
-        if len(seen) == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x0, x1)
-
-    monkeypatch.setattr(MetaMaskStep, "step", step)
+    interrupt_at(monkeypatch, 7)
     folder = tmp_path / "stopped"
     assert main([*QUICK, "--output-dir", str(folder), *arguments]) == 128 + signal.SIGTERM
     monkeypatch.undo()

@@ -21,11 +21,11 @@ from PIL import Image
 
 from metamask_fast import config as cfg
 from metamask_fast import evaluate, models, reporting, runfolder
-from metamask_fast.data import pipeline
 from metamask_fast import train as train_module
-from metamask_fast.data import load_images, simclr_augmentation
-from metamask_fast.meta import MetaMaskStep
+from metamask_fast.data import load_images, pipeline, simclr_augmentation
 from metamask_fast.train import main, parse_config
+
+from interrupts import interrupt_at
 
 FAST = ["--no-progress", "--batch-size", "256", "--checkpoint-every", "3", "--knn-every", "1"]
 
@@ -151,19 +151,6 @@ def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs") / "whole"
     assert main([*FAST, "--epochs", "2", "--meta-interval", "2", "--output-dir", str(folder)]) == 0
     return folder
-
-
-def interrupt_at(monkeypatch, calls: int, signum=signal.SIGTERM) -> None:
-    """Deliver ``signum`` to this process during the ``calls``-th training step."""
-    original, seen = MetaMaskStep.step, []
-
-    def step(self, x0, x1):
-        seen.append(1)
-        if len(seen) == calls:
-            os.kill(os.getpid(), signum)
-        return original(self, x0, x1)
-
-    monkeypatch.setattr(MetaMaskStep, "step", step)
 
 
 @pytest.mark.parametrize("stop_step", [4, 5])  # mid-epoch (after the checkpoint of step 3) and at an epoch's end
