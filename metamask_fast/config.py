@@ -34,6 +34,7 @@ BACKBONES = ("digits_convnet", "resnet18", "resnet34", "resnet50")
 SECOND_ORDER_MODES = ("finite_difference", "exact", "none")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
+AUGMENTATIONS = ("simclr", "asymmetric")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -230,7 +231,7 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "download": (_boolean, "let torchvision download CIFAR/STL-10 into --data-dir (needs a network)"),
     "image_size": (_number(int, minimum=8, optional=True),
                    "training image size; auto: 16 digits, 32 CIFAR, 96 STL-10, 64 folders"),
-    "augmentation": (_choice(("simclr", "asymmetric")), "two-view recipe of CIFAR/STL/folders: simclr (the same "
+    "augmentation": (_choice(AUGMENTATIONS), "two-view recipe of CIFAR/STL/folders: simclr (the same "
                      "for both views) or asymmetric (solo-learn's Barlow Twins pair: saturation 0.2, solarization "
                      "p=0.2 on the second view)"),
     "workers": (_number(int, minimum=0, optional=True),

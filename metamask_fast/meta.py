@@ -231,8 +231,6 @@ def _network_groups(model, net_optimizer, mask_optimizer) -> list[tuple[dict, li
     names = {p: name for name, p in model.named_parameters()}
     groups = []
     for group in net_optimizer.param_groups:
-        if group.get("maximize", False):
-            raise ValueError("net_optimizer: maximize=True is not supported by the virtual step")
         for p in group["params"]:
             if p is mask:
                 raise ValueError("net_optimizer must not hold model.mask.logits: the mask has its own optimizer")

@@ -72,17 +72,18 @@ def _adapts(group: dict, p: torch.Tensor) -> bool:
     return not (group["lars_adaptation_filter"] and p.ndim == 1)
 
 
-def _lars_scale(group: dict, p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``q = eta·‖p‖/‖d‖`` when both norms are > 0, else 1 (a 0-d tensor: no host sync)."""
+def _lars_scale(group: dict, p: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q = eta·‖p‖/‖d‖`` when both norms are > 0, else 1, and whether they are (0-d tensors: no host sync)."""
     param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
     one = torch.ones_like(param_norm)
-    return torch.where(param_norm > 0, torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one)
+    return torch.where(param_norm > 0, torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one),
+                       one), (param_norm > 0) & (update_norm > 0)
 
 
 def _lars_direction(group: dict, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``q·d`` of the LARS update for gradient ``g``."""
     d = g.add(p, alpha=group["weight_decay"]) if _decays(group, p) else g
-    return d.mul(_lars_scale(group, p, d)) if _adapts(group, p) else d
+    return d.mul(_lars_scale(group, p, d)[0]) if _adapts(group, p) else d
 
 
 # ---------------------------------------------------------------------------------------------- the rules
@@ -209,12 +210,10 @@ def _lars_vjp(group: dict, p: torch.Tensor, g: torch.Tensor, v: torch.Tensor) ->
     if not _adapts(group, p):
         return v.mul(-lr)
     d = g.add(p, alpha=group["weight_decay"]) if _decays(group, p) else g
-    param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-    adaptive = (param_norm > 0) & (update_norm > 0)
-    squared = torch.where(adaptive, update_norm.square(), torch.ones_like(update_norm))
-    q = torch.where(adaptive, group["eta"] * param_norm / update_norm.where(adaptive, torch.ones_like(update_norm)),
-                    torch.ones_like(param_norm))
-    projection = torch.where(adaptive, torch.sum(d * v) / squared, torch.zeros_like(squared))
+    q, adaptive = _lars_scale(group, p, d)
+    squared = torch.linalg.vector_norm(d).square()
+    projection = torch.where(adaptive, torch.sum(d * v) / squared.where(adaptive, torch.ones_like(squared)),
+                             torch.zeros_like(squared))
     return v.sub(d * projection).mul_(q * -lr)
 
 

@@ -179,7 +179,9 @@ class Training:
     mask_optimizer: torch.optim.Optimizer | None
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     stepper: MetaMaskStep | SingleLossStep
-    per_step_schedules: bool = False  # the schedulers step after every step (warm-up), else after every epoch
+    # The learning-rate factor per step when the schedulers step after every step (warm-up); None: they step
+    # after every epoch.
+    step_schedule: WarmupCosine | None = None
 
 
 def build_training(config: TrainConfig, ctx: mmdist.DistContext, device: torch.device,
@@ -210,13 +212,14 @@ def build_training(config: TrainConfig, ctx: mmdist.DistContext, device: torch.d
                                second_order=config.second_order, fd_radius=config.fd_radius,
                                meta_interval=config.meta_interval, precision=config.precision,
                                channels_last=config.channels_last, distributed=ctx.is_distributed)
+    schedule = None
     if config.warmup_epochs == 0:  # cosine per epoch
         schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=config.epochs) for o in optimizers]
     else:
         schedule = WarmupCosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
         schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
     return Training(model, net_optimizer, mask_optimizer, schedulers, stepper,
-                    per_step_schedules=config.warmup_epochs > 0)
+                    step_schedule=schedule)
 
 
 def build_optimizer(config: TrainConfig, network: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -326,7 +329,7 @@ def train(config: TrainConfig, data: Data, folder: Path, checkpoint: dict | None
                 if (state.epoch + 1) % config.knn_every == 0 or state.epoch + 1 == config.epochs:
                     evaluate(run, record)
                 report.epoch(record)
-                if not training.per_step_schedules:
+                if training.step_schedule is None:
                     _step_schedulers(training.schedulers)
                 state.next_epoch()
                 run.stop_if_requested(stopper)
@@ -355,7 +358,7 @@ def train_one_epoch(run: Run, report: Report, stopper: _Stopper) -> None:
         state.add(result, skipped)
         state.batch += 1
         state.step += 1
-        if run.training.per_step_schedules:
+        if run.training.step_schedule is not None:
             _step_schedulers(run.training.schedulers)
         report.step(state.step, state.epoch + 1, result)
         if state.bad_steps >= config.max_bad_steps:
@@ -389,12 +392,9 @@ def _learning_rates(run: Run) -> dict[str, float]:
     training = run.training
     optimizers = [training.net_optimizer] + ([training.mask_optimizer] if training.mask_optimizer else [])
     first_step = run.state.epoch * run.data.batches.batches_per_epoch
-    rates = []
-    for optimizer, scheduler in zip(optimizers, training.schedulers):
-        group = optimizer.param_groups[0]
-        # LambdaLR sets each rate to initial_lr · factor(step): the same product, the same bits.
-        rates.append(group["initial_lr"] * scheduler.lr_lambdas[0](first_step) if training.per_step_schedules
-                     else group["lr"])
+    # LambdaLR sets each rate to initial_lr · factor(step): the same product, the same bits.
+    rates = [group["lr"] if training.step_schedule is None else group["initial_lr"] * training.step_schedule(first_step)
+             for group in (optimizer.param_groups[0] for optimizer in optimizers)]
     return dict(zip(("lr", "mask_lr"), rates))
 
 

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
+from metamask_fast.config import AUGMENTATIONS
 from metamask_fast.data.formats import DATASETS, ImageSet, pil_image
 
 __all__ = ["AUGMENTATIONS", "DigitAugmentation", "simclr_augmentation", "view_augmentations", "eval_transform",
            "TwoViews"]
 
-AUGMENTATIONS = ("simclr", "asymmetric")
 
 # Per-channel mean and std of each dataset's training images, for normalisation.
 _STATISTICS = {
