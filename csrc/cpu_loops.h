@@ -12,7 +12,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+
+#include "optimizer_math.h"
 
 #ifdef __SSE2__
 #include <emmintrin.h>  // _mm_stream_si128, _mm_sfence (SSE2: every x86-64 CPU)

@@ -49,4 +49,47 @@ TORCH_LIBRARY(metamask_fast, m) {
   m.def(
       "virtual_sgd_step(Tensor[] params, Tensor[] grads, Tensor?[] buffers, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov) -> Tensor[]");
+  // The same into given tensors (dense, laid out like params; sharing no memory with any input or each other),
+  // kept by the caller from step to step. Here too every param has a gradient.
+  m.def(
+      "virtual_sgd_step.out(Tensor[] params, Tensor[] grads, Tensor?[] buffers, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, *, Tensor(a!)[] out) -> ()");
+  // The other optimizers' virtual updates and the vector-Jacobian products u = J_U^T v of all three (the
+  // Jacobian with respect to the gradient; see metamask_fast/optim_ops.py for the arithmetic). Each op
+  // returns new tensors, and its .out overload writes into given ones under the rules of virtual_sgd_step.out.
+  // LARS (official Barlow Twins): the momentum buffers `mu` (None: zeros, before the first step); the filters
+  // exempt 1-d params from weight decay and from the trust ratio.
+  m.def(
+      "virtual_lars_step(Tensor[] params, Tensor[] grads, Tensor?[] buffers, float lr, float weight_decay, "
+      "float momentum, float eta, bool weight_decay_filter, bool lars_adaptation_filter) -> Tensor[]");
+  m.def(
+      "virtual_lars_step.out(Tensor[] params, Tensor[] grads, Tensor?[] buffers, float lr, float weight_decay, "
+      "float momentum, float eta, bool weight_decay_filter, bool lars_adaptation_filter, *, Tensor(a!)[] out) -> ()");
+  // AdamW: first and second moments (None, both: before the first step) and, per param, the number of the
+  // step being made (the state's step + 1).
+  m.def(
+      "virtual_adamw_step(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
+      "float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay) -> Tensor[]");
+  m.def(
+      "virtual_adamw_step.out(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
+      "float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, *, Tensor(a!)[] out) -> ()");
+  // u = f_i v_i with f_i = -lr c_i, c_i the weight of the gradient in SGD's step (buffers: presence only).
+  m.def(
+      "sgd_vjp(Tensor[] vectors, Tensor?[] buffers, float lr, float momentum, float dampening, bool nesterov) "
+      "-> Tensor[]");
+  m.def(
+      "sgd_vjp.out(Tensor[] vectors, Tensor?[] buffers, float lr, float momentum, float dampening, bool nesterov, "
+      "*, Tensor(a!)[] out) -> ()");
+  m.def(
+      "lars_vjp(Tensor[] params, Tensor[] grads, Tensor[] vectors, float lr, float weight_decay, float eta, "
+      "bool weight_decay_filter, bool lars_adaptation_filter) -> Tensor[]");
+  m.def(
+      "lars_vjp.out(Tensor[] params, Tensor[] grads, Tensor[] vectors, float lr, float weight_decay, float eta, "
+      "bool weight_decay_filter, bool lars_adaptation_filter, *, Tensor(a!)[] out) -> ()");
+  m.def(
+      "adamw_vjp(Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, float[] steps, Tensor[] vectors, "
+      "float lr, float beta1, float beta2, float eps) -> Tensor[]");
+  m.def(
+      "adamw_vjp.out(Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, float[] steps, Tensor[] vectors, "
+      "float lr, float beta1, float beta2, float eps, *, Tensor(a!)[] out) -> ()");
 }

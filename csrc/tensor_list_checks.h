@@ -113,7 +113,7 @@ struct ByteRange {
 // The byte range of `t`, or false where it touches no memory (no elements, or no storage). Torch strides
 // are never negative, so the last element sits at sum((size - 1) * stride) elements past the first.
 inline bool byte_range(const at::Tensor& t, size_t index, ByteRange& range) {
-  if (t.numel() == 0) {
+  if (!t.defined() || t.numel() == 0) {
     return false;
   }
   const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
@@ -184,38 +184,99 @@ inline void check_no_cross_overlap(
   }
 }
 
+// An optional tensor per ref tensor (the optimizers' state lists), each present one alike its ref in shape,
+// dtype, device and layout. Returns the list with an undefined tensor counted as absent (nullopt), so that the
+// kernels see only real ones.
+inline std::vector<std::optional<at::Tensor>> check_optional_like(
+    const char* op, const char* ref_name, at::TensorList ref, const char* name,
+    const c10::List<std::optional<at::Tensor>>& tensors) {
+  TORCH_CHECK_VALUE(
+      tensors.size() == ref.size(), op, ": `", name, "` must be as long as `", ref_name, "` (None where absent), got ",
+      tensors.size(), " and ", ref.size());
+  std::vector<std::optional<at::Tensor>> present(tensors.size());
+  for (const auto i : c10::irange(tensors.size())) {
+    const std::optional<at::Tensor> b = tensors.get(i);
+    if (!b.has_value() || !b->defined()) {
+      continue;
+    }
+    const at::Tensor& p = ref[i];
+    TORCH_CHECK_VALUE(
+        b->sizes() == p.sizes(), op, ": ", name, "[", i, "] must have the shape of ", ref_name, "[", i, "], ",
+        p.sizes(), ", got ", b->sizes());
+    TORCH_CHECK_VALUE(
+        b->scalar_type() == p.scalar_type() && b->device() == p.device(), op, ": ", name, "[", i,
+        "] must have the dtype and device of ", ref_name, "[", i, "] (", p.scalar_type(), ", ", p.device(), "), got ",
+        b->scalar_type(), ", ", b->device());
+    TORCH_CHECK_VALUE(
+        same_layout(*b, p), op, ": ", name, "[", i, "] must have the memory layout (strides) of ", ref_name, "[", i,
+        "], ", p.strides(), ", got ", b->strides());
+    present[i] = *b;
+  }
+  return present;
+}
+
 // The arguments of virtual_sgd_step: dense params, grads laid out like them, and one optional momentum
-// buffer per param, each present one alike its param. Returns the buffers, with an undefined tensor counted
-// as no buffer (nullopt), so that the kernels see only real ones.
+// buffer per param, each present one alike its param. Returns the buffers (check_optional_like).
 inline std::vector<std::optional<at::Tensor>> check_virtual_sgd_step(
     const char* op, at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers) {
   check_tensor_list(op, "params", params);
   check_pairwise_like(op, "params", params, "grads", grads);
   check_dense(op, "params", params);
   check_same_strides(op, "params", params, "grads", grads);
-  TORCH_CHECK_VALUE(
-      buffers.size() == params.size(), op, ": `buffers` must be as long as `params` (None where no buffer), got ",
-      buffers.size(), " and ", params.size());
-  std::vector<std::optional<at::Tensor>> present(buffers.size());
-  for (const auto i : c10::irange(buffers.size())) {
-    const std::optional<at::Tensor> b = buffers.get(i);
-    if (!b.has_value() || !b->defined()) {
-      continue;
-    }
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_VALUE(
-        b->sizes() == p.sizes(), op, ": buffers[", i, "] must have the shape of params[", i, "], ", p.sizes(),
-        ", got ", b->sizes());
-    TORCH_CHECK_VALUE(
-        b->scalar_type() == p.scalar_type() && b->device() == p.device(), op, ": buffers[", i,
-        "] must have the dtype and device of params[", i, "] (", p.scalar_type(), ", ", p.device(), "), got ",
-        b->scalar_type(), ", ", b->device());
-    TORCH_CHECK_VALUE(
-        same_layout(*b, p), op, ": buffers[", i, "] must have the memory layout (strides) of params[", i, "], ",
-        p.strides(), ", got ", b->strides());
-    present[i] = *b;
+  return check_optional_like(op, "params", params, "buffers", buffers);
+}
+
+// An optional list as a list of tensors for the overlap checks (an absent one: an undefined tensor, which
+// touches no memory).
+inline std::vector<at::Tensor> as_tensors(const std::vector<std::optional<at::Tensor>>& tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    out.push_back(t.has_value() ? *t : at::Tensor());
   }
-  return present;
+  return out;
+}
+
+// `out` of an optimizer op's .out overload: like `ref` (shape, dtype, device, layout), and new memory: no
+// out[i] shares memory with any tensor of `reads` (the op's inputs, undefined tensors for absent ones) or with
+// another out[j].
+inline void check_separate_out(
+    const char* op, const char* ref_name, at::TensorList ref, at::TensorList out,
+    std::initializer_list<NamedTensorList> reads) {
+  check_pairwise_like(op, ref_name, ref, "out", out);
+  check_same_strides(op, ref_name, ref, "out", out);
+  for (const NamedTensorList& read : reads) {
+    for (const auto i : c10::irange(out.size())) {
+      if (!read.tensors[i].defined()) {
+        continue;
+      }
+      TORCH_CHECK_VALUE(
+          at::get_overlap_status(out[i], read.tensors[i]) == at::MemOverlapStatus::No, op, ": out[", i,
+          "] shares memory with ", read.name, "[", i, "]; pass a separate tensor");
+    }
+  }
+  check_no_cross_overlap(op, "out", out, reads);
+}
+
+// Per-param step numbers of AdamW: as many as params, each >= 1.
+inline void check_steps(const char* op, at::TensorList params, at::ArrayRef<double> steps) {
+  TORCH_CHECK_VALUE(
+      steps.size() == params.size(), op, ": `steps` must be as long as `params`, got ", steps.size(), " and ",
+      params.size());
+  for (const auto i : c10::irange(steps.size())) {
+    TORCH_CHECK_VALUE(steps[i] >= 1, op, ": steps[", i, "] must be >= 1 (the number of the step made), got ", steps[i]);
+  }
+}
+
+// AdamW's moments: both present or both absent for each param.
+inline void check_moments_paired(
+    const char* op, const std::vector<std::optional<at::Tensor>>& exp_avgs,
+    const std::vector<std::optional<at::Tensor>>& exp_avg_sqs) {
+  for (const auto i : c10::irange(exp_avgs.size())) {
+    TORCH_CHECK_VALUE(
+        exp_avgs[i].has_value() == exp_avg_sqs[i].has_value(), op, ": exp_avgs[", i, "] and exp_avg_sqs[", i,
+        "] must both be tensors or both be None");
+  }
 }
 
 // The arguments of add_scaled_ and add_scaled: dense lists, pairwise alike in shape, dtype, device and layout.

@@ -421,6 +421,7 @@ def virtual_sgd_step(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     r"""The weights ``torch.optim.SGD`` would produce, without changing ``params`` or ``buffers``.
 
@@ -432,7 +433,10 @@ def virtual_sgd_step(
         θ' = θ - η \cdot \begin{cases} d + μ b' & \text{nesterov} \\ b' & \text{otherwise}\end{cases}
 
     (with ``momentum = 0``, ``θ' = θ - η d``). A weight whose gradient is ``None`` is returned as it is
-    (detached, not copied). Returns new tensors that do not require grad.
+    (detached, not copied). Returns new tensors that do not require grad, or, with ``out`` (a list like
+    ``params``: shape, dtype, device, layout), writes θ' into those and returns them; then every gradient
+    must be a tensor and ``out[i]`` must share no memory with any input or another ``out[j]`` (the rules
+    of :mod:`metamask_fast.optim_ops`).
     """
     op = "virtual_sgd_step"
     params = _check_tensor_list(op, "params", params)
@@ -450,17 +454,21 @@ def virtual_sgd_step(
     if nesterov and (momentum == 0 or dampening != 0):
         raise ValueError(f"{op}: `nesterov` needs momentum > 0 and dampening 0")
     stepped = [i for i, g in enumerate(grads) if g is not None]
+    if out is not None and len(stepped) != len(params):
+        raise ValueError(f"{op}: with `out`, every grad must be a tensor (leave weights without one out of the lists)")
     for i in stepped:
         _check_like(op, "grads", i, grads[i], "params", params[i])
         if buffers[i] is not None:
             _check_like(op, "buffers", i, buffers[i], "params", params[i])
-    out = [p.detach() for p in params]
-    if not stepped:
-        return out
     weights = [params[i].detach() for i in stepped]
     step_grads = [grads[i].detach() for i in stepped]
     step_buffers = [buffers[i] for i in stepped]
     coefficients = (lr, momentum, dampening, weight_decay, nesterov)
+    if out is not None:
+        return _virtual_sgd_step_into(weights, step_grads, step_buffers, coefficients, out)
+    result = [p.detach() for p in params]
+    if not stepped:
+        return result
     with torch.no_grad():
         laid_out = [w if b is None else b for w, b in zip(weights, step_buffers)]  # aligned with weights
         if _compiled(_VIRTUAL_SGD_DEVICES, weights, step_grads, laid_out):
@@ -468,7 +476,28 @@ def virtual_sgd_step(
         else:
             updated = _virtual_sgd_step_torch(weights, step_grads, step_buffers, *coefficients)
     for i, new in zip(stepped, updated):
-        out[i] = new
+        result[i] = new
+    return result
+
+
+def _virtual_sgd_step_into(weights, grads, buffers, coefficients, out) -> list[torch.Tensor]:
+    """:func:`virtual_sgd_step` into ``out``: the compiled op, or the fallback after the kernels' checks."""
+    op = "virtual_sgd_step"
+    out = _check_tensor_list(op, "out", out)
+    with torch.no_grad():
+        laid_out = [w if b is None else b for w, b in zip(weights, buffers)]
+        if _compiled(_VIRTUAL_SGD_DEVICES, weights, grads, laid_out, out):
+            torch.ops.metamask_fast.virtual_sgd_step.out(weights, grads, buffers, *coefficients, out=out)
+        else:
+            _check_pairs(op, "params", weights, "out", out)
+            _check_no_internal_overlap(op, "out", out)
+            present = [torch.empty(0) if b is None else b for b in buffers]
+            reads = (("params", weights), ("grads", grads), ("buffers", present))
+            for name, tensors in reads:
+                _check_no_overlap(op, "out", out, name, tensors, same_allowed=False)
+            _check_no_cross_overlap(op, "out", out, *reads)
+            torch._foreach_copy_(out, _virtual_sgd_step_torch(weights, grads, buffers, *coefficients))
+    _bump_versions(out)
     return out
 
 
@@ -513,11 +542,17 @@ def _virtual_sgd_step_fake(params, grads, buffers, lr, momentum, dampening, weig
     return [torch.empty_like(p) for p in params]
 
 
+def _virtual_sgd_step_out_fake(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov, *, out):
+    _virtual_sgd_step_fake(params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov)
+    _check_pairs("virtual_sgd_step", "params", list(params), "out", list(out))
+
+
 if HAS_EXTENSION:
     torch.library.register_fake("metamask_fast::add_scaled_")(_add_scaled__fake)
     torch.library.register_fake("metamask_fast::add_scaled")(_add_scaled_fake)
     torch.library.register_fake("metamask_fast::add_scaled.out")(_add_scaled_out_fake)
     torch.library.register_fake("metamask_fast::virtual_sgd_step")(_virtual_sgd_step_fake)
+    torch.library.register_fake("metamask_fast::virtual_sgd_step.out")(_virtual_sgd_step_out_fake)
 
 
 def _check_like(op: str, name: str, i: int, t: object, ref_name: str, ref: torch.Tensor) -> None:
