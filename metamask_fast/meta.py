@@ -335,9 +335,10 @@ class MetaMaskStep:
         self.step_count = 0
         self._params = [p for group, _ in self._groups for p in group["params"]]
         self._names = [name for _, group_names in self._groups for name in group_names]
-        # θ ± R v of the finite difference, kept from step to step: allocating ~one model's worth of fresh
-        # memory each step costs more than the sweep that fills it (page faults, on the CPU).
-        self._perturbed: list[torch.Tensor] = []
+        # θ ± R v of the finite difference, θ' of the virtual step and u = J_Uᵀ v, kept from step to step
+        # (_kept): allocating ~one model's worth of fresh memory each step costs more than the sweep that
+        # fills it (page faults, on the CPU).
+        self._kept_tensors: dict[object, list[torch.Tensor]] = {}
 
     def _check_views(self, x0: torch.Tensor, x1: torch.Tensor) -> None:
         device, dtype = self.model.mask.logits.device, self.model.mask.logits.dtype
@@ -373,8 +374,9 @@ class MetaMaskStep:
     def _virtual_weights(self, grads) -> dict[str, torch.Tensor]:
         """θ' of step 2 for every weight with a gradient, as leaves that require grad."""
         virtual = {}
-        for group, names, group_grads in self._live_groups(grads):
-            updated = virtual_update(self.net_optimizer, group, group["params"], group_grads)
+        for index, (group, names, group_grads) in enumerate(self._live_groups(grads)):
+            kept = self._kept(("virtual", index), [p for p, g in zip(group["params"], group_grads) if g is not None])
+            updated = virtual_update(self.net_optimizer, group, group["params"], group_grads, out=kept)
             for name, g, w in zip(names, group_grads, updated):
                 if g is not None:
                     virtual[name] = w.detach().requires_grad_()
@@ -404,21 +406,24 @@ class MetaMaskStep:
             if len(distinct) == 1:
                 return distinct.pop(), v
         u = {}
-        for group, names, group_grads in self._live_groups(grads):
+        for index, (group, names, group_grads) in enumerate(self._live_groups(grads)):
             vectors = [v.get(name) for name in names]
-            for name, w in zip(names, update_vjp(self.net_optimizer, group, group["params"], group_grads, vectors)):
+            live = [w for w, g in zip(vectors, group_grads) if w is not None and g is not None]
+            kept = self._kept(("u", index), live)
+            directions = update_vjp(self.net_optimizer, group, group["params"], group_grads, vectors, out=kept)
+            for name, w in zip(names, directions):
                 if w is not None:
                     u[name] = w
         return None, u
 
-    def _perturbed_like(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The kept tensors for θ ± R v, (re)allocated when the weights with a direction change."""
-        kept = self._perturbed
-        if len(kept) != len(weights) or any(
+    def _kept(self, key: object, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors kept under ``key`` for results like ``like``, (re)allocated when those change."""
+        kept = self._kept_tensors.get(key, [])
+        if len(kept) != len(like) or any(
             k.shape != w.shape or k.stride() != w.stride() or k.dtype != w.dtype or k.device != w.device
-            for k, w in zip(kept, weights)
+            for k, w in zip(kept, like)
         ):
-            self._perturbed = kept = [torch.empty_like(w) for w in weights]  # the weights' layouts
+            self._kept_tensors[key] = kept = [torch.empty_like(w) for w in like]  # the weights' layouts
         return kept
 
     def _finite_difference_hvp(self, v: dict[str, torch.Tensor], buffers, x0, x1, norm=None) -> torch.Tensor:
@@ -439,7 +444,7 @@ class MetaMaskStep:
         mask = self.model.mask.logits
 
         weights = [params[name].detach() for name in names]
-        perturbed = ops.add_scaled(weights, directions, radius, out=self._perturbed_like(weights))
+        perturbed = ops.add_scaled(weights, directions, radius, out=self._kept("perturbed", weights))
         loss_plus = self._contrastive_loss_at(dict(zip(names, perturbed)), buffers, x0, x1, backbone_grad=False)
         (grad_plus,) = torch.autograd.grad(loss_plus, [mask])
         ops.add_scaled_(perturbed, directions, -2 * radius)

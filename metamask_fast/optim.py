@@ -5,18 +5,18 @@ MetaMask's virtual step is the network optimizer's own update ``θ' = U(θ, g)``
 hypergradient needs ``u = J_Uᵀ v``, the vector-Jacobian product of that update with respect to ``g``
 (:mod:`metamask_fast.meta`). This module has both for the three optimizers :class:`~metamask_fast.meta.MetaMaskStep`
 accepts: ``torch.optim.SGD`` (every option, any parameter groups), ``torch.optim.AdamW`` (not amsgrad) and
-:class:`LARS`, official Barlow Twins' formulation. The SGD update runs through the compiled
-:func:`metamask_fast.ops.virtual_sgd_step`; the AdamW and LARS updates and every VJP are PyTorch here.
+:class:`LARS`, official Barlow Twins' formulation. Both run through the compiled multi-tensor ops of
+:func:`metamask_fast.ops.virtual_sgd_step` and :mod:`metamask_fast.optim_ops` (their fallbacks without the
+extension); this module reads the optimizer's groups and state for them.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
-from metamask_fast import ops
+from metamask_fast import ops, optim_ops
 from metamask_fast._checks import check_number
 
 __all__ = ["LARS", "check_network_optimizer", "virtual_update", "update_vjp", "sgd_vjp_factors"]
@@ -122,111 +122,81 @@ def _value(x) -> float:
 
 
 def virtual_update(optimizer: torch.optim.Optimizer, group: dict, params: Sequence[torch.Tensor],
-                   grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+                   grads: Sequence[torch.Tensor | None],
+                   out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """θ' of every parameter of ``group`` (``params``, their ``grads``; None: no gradient, θ' = θ): the update
-    ``optimizer`` would make, without writing its state. New tensors that do not require grad."""
+    ``optimizer`` would make, without writing its state, through the compiled ops of
+    :mod:`metamask_fast.optim_ops`. Tensors that do not require grad: ``out`` (one per parameter with a
+    gradient, in order) where given, else new ones; the parameters without a gradient themselves, detached."""
+    result = [p.detach() for p in params]
+    stepped = [i for i, g in enumerate(grads) if g is not None]
+    if not stepped:
+        return result
+    ps, gs = [params[i] for i in stepped], [grads[i] for i in stepped]
+    for i, new in zip(stepped, _update(optimizer, group, ps, gs, out)):
+        result[i] = new
+    return result
+
+
+def _update(optimizer, group, ps, gs, out) -> list[torch.Tensor]:
     kind, state = _kind(optimizer), optimizer.state
     if kind == "sgd":
         return ops.virtual_sgd_step(
-            params, grads, [state[p].get("momentum_buffer") for p in params], lr=group["lr"],
-            momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"])
-    out = []
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            if g is None:
-                out.append(p.detach())
-            elif kind == "lars":
-                mu = state[p].get("mu")
-                d = _lars_direction(group, p, g)
-                new_mu = d if mu is None else mu.mul(group["momentum"]).add_(d)
-                out.append(p.detach().sub(new_mu, alpha=group["lr"]))
-            else:
-                out.append(_adamw_update(group, state[p], p.detach(), g))
-    return out
+            ps, gs, [state[p].get("momentum_buffer") for p in ps], lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"], out=out)
+    if kind == "lars":
+        return optim_ops.virtual_lars_step(ps, gs, [state[p].get("mu") for p in ps], out=out, **_lars_options(group))
+    return optim_ops.virtual_adamw_step(
+        ps, gs, *_adamw_state(optimizer, ps), lr=group["lr"], betas=group["betas"], eps=group["eps"],
+        weight_decay=group["weight_decay"], out=out)
 
 
-def _adamw_moments(group: dict, state: dict, g: torch.Tensor):
-    """The first and second moments after gradient ``g`` and the step number, from ``state`` (zeros at first)."""
-    beta1, beta2 = group["betas"]
-    step = _value(state.get("step", 0)) + 1
-    m = state.get("exp_avg")
-    s = state.get("exp_avg_sq")
-    m = g.mul(1 - beta1) if m is None else m.mul(beta1).add_(g, alpha=1 - beta1)
-    s = g.mul(g).mul_(1 - beta2) if s is None else s.mul(beta2).addcmul_(g, g, value=1 - beta2)
-    return m, s, step
+def _lars_options(group: dict, momentum: bool = True) -> dict:
+    options = {key: group[key] for key in ("lr", "weight_decay", "eta", "weight_decay_filter",
+                                           "lars_adaptation_filter")}
+    if momentum:
+        options["momentum"] = group["momentum"]
+    return options
 
 
-def _adamw_update(group: dict, state: dict, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    beta1, beta2 = group["betas"]
-    lr, eps = _value(group["lr"]), group["eps"]
-    m, s, step = _adamw_moments(group, state, g)
-    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-    denominator = s.sqrt().div_(math.sqrt(bias2)).add_(eps)
-    return p.mul(1 - lr * group["weight_decay"]).addcdiv_(m, denominator, value=-lr / bias1)
+def _adamw_state(optimizer: torch.optim.Optimizer, ps: list[torch.Tensor]) -> tuple[list, list, list[float]]:
+    """AdamW's moments (None before the first step) and the number of the step being made, per parameter."""
+    state = optimizer.state
+    return ([state[p].get("exp_avg") for p in ps], [state[p].get("exp_avg_sq") for p in ps],
+            [_value(state[p].get("step", 0)) + 1 for p in ps])
 
 
 def sgd_vjp_factors(optimizer: torch.optim.Optimizer, group: dict, params: Sequence[torch.Tensor]) -> list[float]:
-    """For SGD, ``J_Uᵀ v = f·v`` per parameter: ``f = −lr·c``, ``c`` the weight of the gradient in the step
-    (``1−dampening`` with a momentum buffer, ``1+momentum·(1−dampening)`` with nesterov; on the first step,
-    without a buffer, ``1``, or ``1+momentum`` with nesterov; ``1`` without momentum)."""
-    lr, momentum, dampening = _value(group["lr"]), group["momentum"], group["dampening"]
-    factors = []
-    for p in params:
-        if momentum == 0:
-            c = 1.0
-        elif optimizer.state[p].get("momentum_buffer") is None:
-            c = 1.0 + momentum if group["nesterov"] else 1.0
-        else:
-            c = 1.0 + momentum * (1.0 - dampening) if group["nesterov"] else 1.0 - dampening
-        factors.append(-lr * c)
-    return factors
+    """For SGD, ``J_Uᵀ v = f·v`` per parameter (:func:`metamask_fast.optim_ops.sgd_vjp_factor`)."""
+    lr = _value(group["lr"])
+    return [optim_ops.sgd_vjp_factor(lr, group["momentum"], group["dampening"], group["nesterov"],
+                                     optimizer.state[p].get("momentum_buffer") is not None) for p in params]
 
 
 def update_vjp(optimizer: torch.optim.Optimizer, group: dict, params: Sequence[torch.Tensor],
-               grads: Sequence[torch.Tensor | None],
-               vectors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+               grads: Sequence[torch.Tensor | None], vectors: Sequence[torch.Tensor | None],
+               out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
     """``u = J_Uᵀ v`` per parameter of ``group``: the vector-Jacobian product of :func:`virtual_update` with
-    respect to the gradient, at ``grads``, for ``vectors`` (None where no gradient or no vector)."""
+    respect to the gradient, at ``grads``, for ``vectors`` (None where no gradient or no vector), through the
+    compiled ops of :mod:`metamask_fast.optim_ops`; into ``out`` (one per parameter with both, in order)
+    where given."""
+    result: list[torch.Tensor | None] = [None] * len(params)
+    both = [i for i, (g, v) in enumerate(zip(grads, vectors)) if g is not None and v is not None]
+    if not both:
+        return result
+    ps, gs, vs = ([lst[i] for i in both] for lst in (params, grads, vectors))
+    for i, u in zip(both, _vjp(optimizer, group, ps, gs, vs, out)):
+        result[i] = u
+    return result
+
+
+def _vjp(optimizer, group, ps, gs, vs, out) -> list[torch.Tensor]:
     kind, state = _kind(optimizer), optimizer.state
     if kind == "sgd":
-        factors = sgd_vjp_factors(optimizer, group, params)
-        return [None if v is None or g is None else v * f for f, g, v in zip(factors, grads, vectors)]
-    out = []
-    with torch.no_grad():
-        for p, g, v in zip(params, grads, vectors):
-            if v is None or g is None:
-                out.append(None)
-            elif kind == "lars":
-                out.append(_lars_vjp(group, p.detach(), g, v))
-            else:
-                out.append(_adamw_vjp(group, state[p], g, v))
-    return out
-
-
-def _lars_vjp(group: dict, p: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``−lr·J_{q(d)·d}ᵀ v``: with ``q = eta·‖p‖/‖d‖``, ``J = q·(I − d dᵀ/‖d‖²)``; the identity where ``q`` is 1."""
-    lr = _value(group["lr"])
-    if not _adapts(group, p):
-        return v.mul(-lr)
-    d = g.add(p, alpha=group["weight_decay"]) if _decays(group, p) else g
-    q, adaptive = _lars_scale(group, p, d)
-    squared = torch.linalg.vector_norm(d).square()
-    projection = torch.where(adaptive, torch.sum(d * v) / squared.where(adaptive, torch.ones_like(squared)),
-                             torch.zeros_like(squared))
-    return v.sub(d * projection).mul_(q * -lr)
-
-
-def _adamw_vjp(group: dict, state: dict, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The AdamW update's Jacobian is diagonal: ``∂θ'/∂g = −lr/b₁ · ((1−β₁)/D − m·(1−β₂)·g / (b₂·σ·D²))``
-    with ``σ = sqrt(s/b₂)`` and ``D = σ + eps`` (the second part 0 where ``s`` is 0)."""
-    beta1, beta2 = group["betas"]
-    lr, eps = _value(group["lr"]), group["eps"]
-    m, s, step = _adamw_moments(group, state, g)
-    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-    sigma = s.div(bias2).sqrt_()
-    denominator = sigma + eps
-    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    curvature = torch.where(sigma > 0, m * (1 - beta2) * g / (bias2 * safe_sigma * denominator.square()),
-                            torch.zeros_like(sigma))
-    return v * ((1 - beta1) / denominator - curvature) * (-lr / bias1)
+        return optim_ops.sgd_vjp(vs, [state[p].get("momentum_buffer") for p in ps], lr=group["lr"],
+                                 momentum=group["momentum"], dampening=group["dampening"],
+                                 nesterov=group["nesterov"], out=out)
+    if kind == "lars":
+        return optim_ops.lars_vjp(ps, gs, vs, out=out, **_lars_options(group, momentum=False))
+    return optim_ops.adamw_vjp(gs, *_adamw_state(optimizer, ps), vs, lr=group["lr"], betas=group["betas"],
+                               eps=group["eps"], out=out)

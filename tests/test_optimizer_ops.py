@@ -8,12 +8,16 @@ written here from the optimizers' definitions. Every case runs the compiled kern
 one over two CPU chunks, an all-zero weight for the norm-0 branches) and fresh random inputs.
 """
 
+import copy
 import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from metamask_fast import ops, optim_ops
+from metamask_fast.meta import MetaMaskStep
+from metamask_fast.models import MetaMaskModel
 from metamask_fast.optim import LARS
 
 needs_extension = pytest.mark.skipif(
@@ -389,3 +393,53 @@ def test_cuda_kernels_give_the_cpu_kernels_bits():
     for cpu, cuda in [both(optim_ops.virtual_lars_step, params, grads, exp_avgs, lr=0.3, weight_decay=1e-4, eta=0.02),
                       both(optim_ops.lars_vjp, params, grads, vectors, lr=0.3, weight_decay=1e-4, eta=0.02)]:
         assert_close_to(cuda, [c.double() for c in cpu], torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- in the step
+
+
+def _network_optimizer(kind, network):
+    if kind == "sgd":  # two groups with different rates: u = J_Uᵀ v through sgd_vjp, not one scale
+        return torch.optim.SGD([{"params": network[:2], "lr": 0.02}, {"params": network[2:]}], lr=0.05,
+                               momentum=0.9, weight_decay=5e-4)
+    if kind == "lars":
+        return LARS(network, lr=0.3, weight_decay=1e-4, eta=0.02, weight_decay_filter=True,
+                    lars_adaptation_filter=True)
+    return torch.optim.AdamW(network, lr=1e-3, weight_decay=0.05)
+
+
+def _train(model, kind, batches, second_order):
+    network = [p for name, p in model.named_parameters() if not name.startswith("mask.")]
+    step = MetaMaskStep(model, _network_optimizer(kind, network), torch.optim.SGD([model.mask.logits], lr=0.05),
+                        second_order=second_order)
+    kept = []
+    for x0, x1 in batches:
+        step.step(x0, x1)
+        kept.append({key: [t.data_ptr() for t in tensors] for key, tensors in step._kept_tensors.items()})
+    return model, kept
+
+
+@pytest.mark.parametrize("kind,ops_called", [("sgd", ["virtual_sgd_step", "sgd_vjp"]),
+                                             ("lars", ["virtual_lars_step", "lars_vjp"]),
+                                             ("adamw", ["virtual_adamw_step", "adamw_vjp"])])
+@pytest.mark.parametrize("second_order", ["finite_difference", "exact"])
+def test_metamask_step_runs_the_ops_into_kept_tensors_on_both_paths(kind, ops_called, second_order, monkeypatch):
+    # The step's virtual update and VJP go through the compiled ops, into tensors it keeps from step to step,
+    # and give what the fallbacks give (to rounding: LARS's norms are summed in float64 by the kernels).
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    model = MetaMaskModel(backbone, 4, bt_dims=(9, 9, 11), cl_dims=(8, 5)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randn(7, 1, 5, 5, generator=g, dtype=torch.float64) for _ in range(2)) for _ in range(3)]
+    if ops.HAS_EXTENSION:
+        with torch.autograd.profiler.profile() as prof:
+            compiled, kept = _train(copy.deepcopy(model), kind, batches, second_order)
+        called = {event.name for event in prof.function_events}
+        assert {f"metamask_fast::{op}" for op in ops_called} <= called, called
+        assert kept[0] == kept[1] == kept[2] and {"virtual", "u"} <= {k[0] for k in kept[0] if isinstance(k, tuple)}
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    fallback, _ = _train(copy.deepcopy(model), kind, batches, second_order)
+    assert not torch.equal(fallback.mask.logits, model.mask.logits)
+    if ops.HAS_EXTENSION:
+        for (name, a), b in zip(compiled.named_parameters(), fallback.parameters()):
+            assert (a - b).abs().max() <= 1e-9 * max(b.abs().max().item(), 1.0), name
