@@ -42,7 +42,10 @@ sources = sorted(glob.glob("csrc/*.cpp"))
 # -ffp-contract=off here and --fmad=false below: no contraction of a + b*c into one fused multiply-add. The
 # kernels promise the arithmetic of the PyTorch fallbacks operation for operation (each product and sum
 # rounded), so the CPU and CUDA kernels agree bitwise; GCC contracts by default on FMA targets, nvcc always.
-extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
+# -fno-math-errno and -fno-trapping-math: sqrt, and divisions whose result is selected away, may then
+# vectorise (no errno to set, no floating-point trap to preserve); every result stays the same correctly
+# rounded one (neither flag reorders or contracts arithmetic).
+extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]}
 if CUDA_HOME is not None and os.environ.get("METAMASK_FAST_CUDA", "1") != "0":
     extension = CUDAExtension
     sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -1,5 +1,7 @@
 """The meta-step sweeps on a real weight list: the authors' per-parameter loops, the best ``torch._foreach``
-sequence (the fallbacks of ``metamask_fast.ops``) and the compiled ops, side by side per op.
+sequence (the fallbacks of ``metamask_fast.ops`` and ``metamask_fast.optim_ops``, into new tensors and into
+kept ones) and the compiled ops, side by side per op. The optimizers' virtual updates and VJPs (SGD, LARS
+with cifar10-lars' settings, AdamW) have no authors' loop: the authors unroll SGD only.
 
 The list: the weights that the virtual step touches in the authors' setting, a CIFAR ResNet-18 backbone and
 the contrastive head 512→2048→256 (about 12.8 M float32 values in 70 tensors), with momentum buffers and
@@ -12,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from metamask_fast import ops
+from metamask_fast import ops, optim_ops
 from metamask_fast.models import projection_head
 from test_bench_step import cifar_resnet18
 
@@ -93,8 +95,71 @@ CASES = {
         "compiled": lambda p, g, b, kept: ops.global_norm(g),
     },
 }
-# The fewest weight-list-sized arrays each op must read or write: its memory traffic, for GB/s.
-ARRAYS_MOVED = {"virtual_sgd_step": 4, "add_scaled": 3, "add_scaled_": 3, "global_norm": 1}
+LARS = dict(lr=0.3, weight_decay=1e-4, eta=0.02, weight_decay_filter=True, lars_adaptation_filter=True)
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+STEPS = 10.0
+
+
+def squares(b):
+    """A second moment (non-negative) per weight, made once per list."""
+    key = id(b)
+    if key not in _SQUARES:
+        _SQUARES[key] = [x.square() for x in b]
+    return _SQUARES[key]
+
+
+def foreach_into(kept, results):
+    """The fallback's results copied into the kept tensors: the ``_foreach`` way to fill them."""
+    torch._foreach_copy_(kept, results)
+    return kept
+
+
+def optimizer_cases(foreach, compiled):
+    """``foreach`` (new tensors), ``foreach_into_kept``, ``compiled`` and ``compiled_into_kept`` of an op
+    from its fallback ``foreach(p, g, b)`` and its wrapper ``compiled(p, g, b, out=)``."""
+    return {
+        "foreach": lambda p, g, b, kept: foreach(p, g, b),
+        "foreach_into_kept": lambda p, g, b, kept: foreach_into(kept, foreach(p, g, b)),
+        "compiled": lambda p, g, b, kept: compiled(p, g, b, out=None),
+        "compiled_into_kept": lambda p, g, b, kept: compiled(p, g, b, out=kept),
+    }
+
+
+_SQUARES = {}
+SGD = (LR, MOMENTUM, 0.0, WEIGHT_DECAY, False)
+CASES.update({
+    # Into kept tensors: what MetaMaskStep does with every optimizer.
+    "virtual_sgd_step_into_kept": optimizer_cases(
+        lambda p, g, b: ops._virtual_sgd_step_torch(p, g, b, *SGD),
+        lambda p, g, b, out: ops.virtual_sgd_step(p, g, b, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                                                  out=out)),
+    "virtual_lars_step": optimizer_cases(
+        lambda p, g, b: optim_ops._virtual_lars_step_torch(
+            p, g, b, LARS["lr"], LARS["weight_decay"], MOMENTUM, LARS["eta"], True, True),
+        lambda p, g, b, out: optim_ops.virtual_lars_step(p, g, b, momentum=MOMENTUM, out=out, **LARS)),
+    "virtual_adamw_step": optimizer_cases(
+        lambda p, g, b: optim_ops._virtual_adamw_step_torch(
+            p, g, b, squares(b), [STEPS] * len(p), ADAMW["lr"], *ADAMW["betas"], ADAMW["eps"], 0.05),
+        lambda p, g, b, out: optim_ops.virtual_adamw_step(p, g, b, squares(b), [STEPS] * len(p), weight_decay=0.05,
+                                                          out=out, **ADAMW)),
+    # The VJPs u = J_Uᵀ v, with the buffers' values as v.
+    "sgd_vjp": optimizer_cases(
+        lambda p, g, b: optim_ops._sgd_vjp_torch(b, p, LR, MOMENTUM, 0.0, False),
+        lambda p, g, b, out: optim_ops.sgd_vjp(b, p, lr=LR, momentum=MOMENTUM, out=out)),
+    "lars_vjp": optimizer_cases(
+        lambda p, g, b: optim_ops._lars_vjp_torch(
+            p, g, b, LARS["lr"], LARS["weight_decay"], LARS["eta"], True, True),
+        lambda p, g, b, out: optim_ops.lars_vjp(p, g, b, out=out, **LARS)),
+    "adamw_vjp": optimizer_cases(
+        lambda p, g, b: optim_ops._adamw_vjp_torch(
+            g, b, squares(b), [STEPS] * len(p), p, ADAMW["lr"], *ADAMW["betas"], ADAMW["eps"]),
+        lambda p, g, b, out: optim_ops.adamw_vjp(g, b, squares(b), [STEPS] * len(p), p, out=out, **ADAMW)),
+})
+# The fewest weight-list-sized arrays each op must read or write: its memory traffic, for GB/s (LARS: the
+# norms' pass reads θ and g, and the VJP's also v, before the update's pass).
+ARRAYS_MOVED = {"virtual_sgd_step": 4, "add_scaled": 3, "add_scaled_": 3, "global_norm": 1,
+                "virtual_sgd_step_into_kept": 4, "virtual_lars_step": 6, "virtual_adamw_step": 5, "sgd_vjp": 2,
+                "lars_vjp": 7, "adamw_vjp": 5}
 PARAMS = [
     pytest.param(op, impl, device, id=f"{device}-{op.split()[0]}-{impl}")
     for device in DEVICES
