@@ -23,11 +23,6 @@
 
 namespace metamask_fast {
 
-struct SgdCoefficients {
-  double lr, momentum, dampening, weight_decay;
-  bool nesterov;
-};
-
 // Sweeps whose outputs together are at least this large write them with non-temporal stores: they could
 // not stay in the cache until read anyway. Smaller outputs are written normally and stay cached.
 constexpr int64_t kStreamingBytes = int64_t{16} << 20;

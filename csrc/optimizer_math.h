@@ -10,6 +10,12 @@
 
 namespace metamask_fast {
 
+// torch.optim.SGD's options.
+struct SgdCoefficients {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov;
+};
+
 // SGD: u = f v with f = -lr c, c the weight of the gradient in the step (1 - dampening with a momentum buffer,
 // 1 + momentum (1 - dampening) with nesterov; before the first step 1, or 1 + momentum with nesterov; 1
 // without momentum).

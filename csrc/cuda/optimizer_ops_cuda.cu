@@ -1,8 +1,8 @@
 // CUDA kernels of the optimizers' virtual updates and their vector-Jacobian products: metamask_fast::
 // virtual_sgd_step.out, virtual_lars_step, virtual_adamw_step, sgd_vjp, lars_vjp, adamw_vjp (each also .out).
-// The counterparts of optimizer_ops_cpu.cpp: the same checks, the same per-tensor scalars (optimizer_math.h,
-// computed on the host in float64), and the arithmetic of the CPU loops (cpu_loops.inc), operation for
-// operation:
+// The counterparts of optimizer_ops_cpu.cpp: the same registered functions and checks (optimizer_ops.h, with
+// check_cuda as check_device), the same per-tensor scalars (optimizer_math.h, computed on the host in
+// float64), and the arithmetic of the CPU loops (cpu_loops.inc), operation for operation:
 //
 //   virtual_sgd_step.out   θ' = θ - lr u, torch.optim.SGD's step (virtual_sgd_step: multi_tensor_ops_cuda.cu)
 //   virtual_lars_step      d = q (g + wd θ) (g without decay: 1-d params under weight_decay_filter),
@@ -61,6 +61,7 @@
 #include <vector>
 
 #include "../optimizer_math.h"
+#include "../optimizer_ops.h"
 #include "../tensor_list_checks.h"
 #include "multi_tensor_apply.cuh"
 
@@ -75,13 +76,11 @@ void* input_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? input(*t) : nullptr;
 }
 
-std::vector<at::Tensor> empty_like_all(at::TensorList tensors) {
-  std::vector<at::Tensor> out;
-  out.reserve(tensors.size());
-  for (const at::Tensor& t : tensors) {
-    out.push_back(at::empty_like(t));  // dense inputs: the same strides
-  }
-  return out;
+// The CUDA backend of optimizer_ops.h.
+struct Cuda {};
+
+void check_device(Cuda, const char* op, const char* arg, at::TensorList tensors) {
+  check_cuda(op, arg, tensors);
 }
 
 std::vector<int64_t> numels(at::TensorList tensors) {
@@ -131,17 +130,11 @@ struct SgdStepOp {
   }
 };
 
-void virtual_sgd_step_out_cuda(
-    at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
-    double momentum, double dampening, double weight_decay, bool nesterov, at::TensorList out) {
-  const char* op = "virtual_sgd_step";
-  const auto buffer = check_virtual_sgd_step(op, params, grads, buffers);
-  check_cuda(op, "params", params);
-  const std::vector<at::Tensor> buffer_list = as_tensors(buffer);
-  check_separate_out(op, "params", params, out, {{"params", params}, {"grads", grads}, {"buffers", buffer_list}});
-
+void sgd_step_into(
+    Cuda, at::TensorList out, at::TensorList params, at::TensorList grads,
+    const std::vector<std::optional<at::Tensor>>& buffer, const SgdCoefficients& c) {
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const bool use_momentum = momentum != 0;
+  const bool use_momentum = c.momentum != 0;
   std::vector<std::array<void*, 4>> ptrs;
   for (const auto i : c10::irange(params.size())) {
     // Without momentum the buffers do not enter the update, so they are not read (the CPU's kBuffer).
@@ -151,13 +144,13 @@ void virtual_sgd_step_out_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "virtual_sgd_step_out_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SgdStepOp<acc_t> sgd{};
-    sgd.weight_decay = static_cast<acc_t>(weight_decay);
-    sgd.momentum = static_cast<acc_t>(momentum);
-    sgd.keep = static_cast<acc_t>(1 - dampening);
-    sgd.neg_lr = static_cast<acc_t>(-lr);
-    sgd.decay = weight_decay != 0;
+    sgd.weight_decay = static_cast<acc_t>(c.weight_decay);
+    sgd.momentum = static_cast<acc_t>(c.momentum);
+    sgd.keep = static_cast<acc_t>(1 - c.dampening);
+    sgd.neg_lr = static_cast<acc_t>(-c.lr);
+    sgd.decay = c.weight_decay != 0;
     sgd.use_momentum = use_momentum;
-    sgd.nesterov = nesterov && use_momentum;
+    sgd.nesterov = c.nesterov && use_momentum;
     multi_tensor_apply<scalar_t>(ptrs, numels(params), sgd);
   });
 }
@@ -182,7 +175,7 @@ struct ScaleOp {
   }
 };
 
-void scale_into(at::TensorList out, at::TensorList tensors, const std::vector<double>& factors) {
+void scale_into(Cuda, at::TensorList out, at::TensorList tensors, const std::vector<double>& factors) {
   const c10::cuda::CUDAGuard device_guard(tensors[0].device());
   std::vector<std::array<void*, 2>> ptrs;
   for (const auto i : c10::irange(tensors.size())) {
@@ -196,40 +189,6 @@ void scale_into(at::TensorList out, at::TensorList tensors, const std::vector<do
     }
     multi_tensor_apply<scalar_t>(ptrs, numels(tensors), ScaleOp<acc_t>{}, values);
   });
-}
-
-std::vector<double> checked_sgd_vjp_factors(
-    const char* op, at::TensorList vectors, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
-    double momentum, double dampening, bool nesterov, std::vector<at::Tensor>& buffer_list) {
-  check_tensor_list(op, "vectors", vectors);
-  check_dense(op, "vectors", vectors);
-  const auto buffer = check_optional_like(op, "vectors", vectors, "buffers", buffers);
-  check_cuda(op, "vectors", vectors);
-  buffer_list = as_tensors(buffer);
-  std::vector<double> factors;
-  for (const auto& b : buffer) {
-    factors.push_back(sgd_vjp_factor(lr, momentum, dampening, nesterov, b.has_value()));
-  }
-  return factors;
-}
-
-std::vector<at::Tensor> sgd_vjp_cuda(
-    at::TensorList vectors, const c10::List<std::optional<at::Tensor>>& buffers, double lr, double momentum,
-    double dampening, bool nesterov) {
-  std::vector<at::Tensor> buffer_list;
-  const auto factors = checked_sgd_vjp_factors("sgd_vjp", vectors, buffers, lr, momentum, dampening, nesterov, buffer_list);
-  std::vector<at::Tensor> out = empty_like_all(vectors);
-  scale_into(out, vectors, factors);
-  return out;
-}
-
-void sgd_vjp_out_cuda(
-    at::TensorList vectors, const c10::List<std::optional<at::Tensor>>& buffers, double lr, double momentum,
-    double dampening, bool nesterov, at::TensorList out) {
-  std::vector<at::Tensor> buffer_list;
-  const auto factors = checked_sgd_vjp_factors("sgd_vjp", vectors, buffers, lr, momentum, dampening, nesterov, buffer_list);
-  check_separate_out("sgd_vjp", "vectors", vectors, out, {{"vectors", vectors}, {"buffers", buffer_list}});
-  scale_into(out, vectors, factors);
 }
 
 // ----------------------------------------------------------------------------------------------- LARS
@@ -453,7 +412,7 @@ struct LarsStepOp {
 };
 
 void lars_step_into(
-    at::TensorList out, at::TensorList params, at::TensorList grads, const std::vector<std::optional<at::Tensor>>& buffer,
+    Cuda, at::TensorList out, at::TensorList params, at::TensorList grads, const std::vector<std::optional<at::Tensor>>& buffer,
     double lr, double momentum, const LarsFlags& flags) {
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   std::vector<std::array<void*, 4>> ptrs;
@@ -470,31 +429,6 @@ void lars_step_into(
                                static_cast<acc_t>(-lr), scalars.const_data_ptr<double>()};
     multi_tensor_apply<scalar_t>(ptrs, numels(params), op, values);
   });
-}
-
-std::vector<at::Tensor> virtual_lars_step_cuda(
-    at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
-    double weight_decay, double momentum, double eta, bool weight_decay_filter, bool lars_adaptation_filter) {
-  const char* op = "virtual_lars_step";
-  const auto buffer = check_virtual_sgd_step(op, params, grads, buffers);
-  check_cuda(op, "params", params);
-  std::vector<at::Tensor> out = empty_like_all(params);
-  lars_step_into(out, params, grads, buffer, lr, momentum,
-                 LarsFlags{weight_decay, eta, weight_decay_filter, lars_adaptation_filter});
-  return out;
-}
-
-void virtual_lars_step_out_cuda(
-    at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& buffers, double lr,
-    double weight_decay, double momentum, double eta, bool weight_decay_filter, bool lars_adaptation_filter,
-    at::TensorList out) {
-  const char* op = "virtual_lars_step";
-  const auto buffer = check_virtual_sgd_step(op, params, grads, buffers);
-  check_cuda(op, "params", params);
-  const std::vector<at::Tensor> buffer_list = as_tensors(buffer);
-  check_separate_out(op, "params", params, out, {{"params", params}, {"grads", grads}, {"buffers", buffer_list}});
-  lars_step_into(out, params, grads, buffer, lr, momentum,
-                 LarsFlags{weight_decay, eta, weight_decay_filter, lars_adaptation_filter});
 }
 
 // cpu_loops.inc's lars_vjp where the projection applies, its scale (u = -lr v) where not. Operands: 0 params,
@@ -533,7 +467,7 @@ struct LarsVjpOp {
 };
 
 void lars_vjp_into(
-    at::TensorList out, at::TensorList params, at::TensorList grads, at::TensorList vectors, double lr,
+    Cuda, at::TensorList out, at::TensorList params, at::TensorList grads, at::TensorList vectors, double lr,
     const LarsFlags& flags) {
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   std::vector<std::array<void*, 4>> ptrs;
@@ -551,34 +485,6 @@ void lars_vjp_into(
                               scalars.const_data_ptr<double>()};
     multi_tensor_apply<scalar_t>(ptrs, numels(params), op, values);
   });
-}
-
-void check_lars_vjp(const char* op, at::TensorList params, at::TensorList grads, at::TensorList vectors) {
-  check_tensor_list(op, "params", params);
-  check_pairwise_like(op, "params", params, "grads", grads);
-  check_pairwise_like(op, "params", params, "vectors", vectors);
-  check_dense(op, "params", params);
-  check_same_strides(op, "params", params, "grads", grads);
-  check_same_strides(op, "params", params, "vectors", vectors);
-  check_cuda(op, "params", params);
-}
-
-std::vector<at::Tensor> lars_vjp_cuda(
-    at::TensorList params, at::TensorList grads, at::TensorList vectors, double lr, double weight_decay, double eta,
-    bool weight_decay_filter, bool lars_adaptation_filter) {
-  check_lars_vjp("lars_vjp", params, grads, vectors);
-  std::vector<at::Tensor> out = empty_like_all(params);
-  lars_vjp_into(out, params, grads, vectors, lr, LarsFlags{weight_decay, eta, weight_decay_filter, lars_adaptation_filter});
-  return out;
-}
-
-void lars_vjp_out_cuda(
-    at::TensorList params, at::TensorList grads, at::TensorList vectors, double lr, double weight_decay, double eta,
-    bool weight_decay_filter, bool lars_adaptation_filter, at::TensorList out) {
-  const char* op = "lars_vjp";
-  check_lars_vjp(op, params, grads, vectors);
-  check_separate_out(op, "params", params, out, {{"params", params}, {"grads", grads}, {"vectors", vectors}});
-  lars_vjp_into(out, params, grads, vectors, lr, LarsFlags{weight_decay, eta, weight_decay_filter, lars_adaptation_filter});
 }
 
 // ---------------------------------------------------------------------------------------------- AdamW
@@ -685,37 +591,8 @@ std::vector<AdamwTensor<acc_t>> adamw_tensor_values(const std::vector<AdamwScala
   return values;
 }
 
-struct AdamwState {
-  std::vector<std::optional<at::Tensor>> exp_avg, exp_avg_sq;
-  std::vector<at::Tensor> exp_avg_list, exp_avg_sq_list;
-};
-
-AdamwState check_adamw_state(
-    const char* op, const char* ref_name, at::TensorList ref, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps) {
-  AdamwState state;
-  state.exp_avg = check_optional_like(op, ref_name, ref, "exp_avgs", exp_avgs);
-  state.exp_avg_sq = check_optional_like(op, ref_name, ref, "exp_avg_sqs", exp_avg_sqs);
-  check_moments_paired(op, state.exp_avg, state.exp_avg_sq);
-  check_steps(op, ref, steps);
-  check_cuda(op, ref_name, ref);
-  state.exp_avg_list = as_tensors(state.exp_avg);
-  state.exp_avg_sq_list = as_tensors(state.exp_avg_sq);
-  return state;
-}
-
-AdamwState check_adamw_step(
-    const char* op, at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps) {
-  check_tensor_list(op, "params", params);
-  check_pairwise_like(op, "params", params, "grads", grads);
-  check_dense(op, "params", params);
-  check_same_strides(op, "params", params, "grads", grads);
-  return check_adamw_state(op, "params", params, exp_avgs, exp_avg_sqs, steps);
-}
-
 void adamw_step_into(
-    at::TensorList out, at::TensorList params, at::TensorList grads, const AdamwState& state,
+    Cuda, at::TensorList out, at::TensorList params, at::TensorList grads, const AdamwState& state,
     at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps, double weight_decay) {
   std::vector<AdamwScalars> scalars;
   for (const double step : steps) {
@@ -735,40 +612,8 @@ void adamw_step_into(
   });
 }
 
-std::vector<at::Tensor> virtual_adamw_step_cuda(
-    at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps, double lr, double beta1,
-    double beta2, double eps, double weight_decay) {
-  const AdamwState state = check_adamw_step("virtual_adamw_step", params, grads, exp_avgs, exp_avg_sqs, steps);
-  std::vector<at::Tensor> out = empty_like_all(params);
-  adamw_step_into(out, params, grads, state, steps, lr, beta1, beta2, eps, weight_decay);
-  return out;
-}
-
-void virtual_adamw_step_out_cuda(
-    at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps, double lr, double beta1,
-    double beta2, double eps, double weight_decay, at::TensorList out) {
-  const char* op = "virtual_adamw_step";
-  const AdamwState state = check_adamw_step(op, params, grads, exp_avgs, exp_avg_sqs, steps);
-  check_separate_out(
-      op, "params", params, out,
-      {{"params", params}, {"grads", grads}, {"exp_avgs", state.exp_avg_list}, {"exp_avg_sqs", state.exp_avg_sq_list}});
-  adamw_step_into(out, params, grads, state, steps, lr, beta1, beta2, eps, weight_decay);
-}
-
-AdamwState check_adamw_vjp(
-    const char* op, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps, at::TensorList vectors) {
-  check_tensor_list(op, "grads", grads);
-  check_pairwise_like(op, "grads", grads, "vectors", vectors);
-  check_dense(op, "grads", grads);
-  check_same_strides(op, "grads", grads, "vectors", vectors);
-  return check_adamw_state(op, "grads", grads, exp_avgs, exp_avg_sqs, steps);
-}
-
 void adamw_vjp_into(
-    at::TensorList out, at::TensorList grads, const AdamwState& state, at::ArrayRef<double> steps,
+    Cuda, at::TensorList out, at::TensorList grads, const AdamwState& state, at::ArrayRef<double> steps,
     at::TensorList vectors, double lr, double beta1, double beta2, double eps) {
   std::vector<AdamwScalars> scalars;
   for (const double step : steps) {
@@ -787,43 +632,10 @@ void adamw_vjp_into(
   });
 }
 
-std::vector<at::Tensor> adamw_vjp_cuda(
-    at::TensorList grads, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps, at::TensorList vectors,
-    double lr, double beta1, double beta2, double eps) {
-  const AdamwState state = check_adamw_vjp("adamw_vjp", grads, exp_avgs, exp_avg_sqs, steps, vectors);
-  std::vector<at::Tensor> out = empty_like_all(grads);
-  adamw_vjp_into(out, grads, state, steps, vectors, lr, beta1, beta2, eps);
-  return out;
-}
-
-void adamw_vjp_out_cuda(
-    at::TensorList grads, const c10::List<std::optional<at::Tensor>>& exp_avgs,
-    const c10::List<std::optional<at::Tensor>>& exp_avg_sqs, at::ArrayRef<double> steps, at::TensorList vectors,
-    double lr, double beta1, double beta2, double eps, at::TensorList out) {
-  const char* op = "adamw_vjp";
-  const AdamwState state = check_adamw_vjp(op, grads, exp_avgs, exp_avg_sqs, steps, vectors);
-  check_separate_out(
-      op, "grads", grads, out,
-      {{"grads", grads}, {"exp_avgs", state.exp_avg_list}, {"exp_avg_sqs", state.exp_avg_sq_list},
-       {"vectors", vectors}});
-  adamw_vjp_into(out, grads, state, steps, vectors, lr, beta1, beta2, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metamask_fast, CUDA, m) {
-  m.impl("virtual_sgd_step.out", &virtual_sgd_step_out_cuda);
-  m.impl("virtual_lars_step", &virtual_lars_step_cuda);
-  m.impl("virtual_lars_step.out", &virtual_lars_step_out_cuda);
-  m.impl("virtual_adamw_step", &virtual_adamw_step_cuda);
-  m.impl("virtual_adamw_step.out", &virtual_adamw_step_out_cuda);
-  m.impl("sgd_vjp", &sgd_vjp_cuda);
-  m.impl("sgd_vjp.out", &sgd_vjp_out_cuda);
-  m.impl("lars_vjp", &lars_vjp_cuda);
-  m.impl("lars_vjp.out", &lars_vjp_out_cuda);
-  m.impl("adamw_vjp", &adamw_vjp_cuda);
-  m.impl("adamw_vjp.out", &adamw_vjp_out_cuda);
+  register_optimizer_ops<Cuda>(m);
 }
 
 }  // namespace metamask_fast
