@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <vector>
 
 namespace metamask_fast {
 
@@ -76,6 +77,17 @@ struct AdamwScalars {
 inline AdamwScalars adamw_scalars(double step, double lr, double beta1, double beta2, double eps, double weight_decay) {
   const double bias1 = 1 - std::pow(beta1, step), bias2 = 1 - std::pow(beta2, step);
   return {beta1, beta2, 1 - beta1, 1 - beta2, eps, 1 - lr * weight_decay, -lr / bias1, bias2, std::sqrt(bias2)};
+}
+
+// adamw_scalars for each tensor's step number.
+inline std::vector<AdamwScalars> adamw_scalars_per_tensor(
+    at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps, double weight_decay) {
+  std::vector<AdamwScalars> scalars;
+  scalars.reserve(steps.size());
+  for (const double step : steps) {
+    scalars.push_back(adamw_scalars(step, lr, beta1, beta2, eps, weight_decay));
+  }
+  return scalars;
 }
 
 }  // namespace metamask_fast

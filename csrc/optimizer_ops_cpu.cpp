@@ -140,8 +140,8 @@ std::vector<std::array<double, 3>> lars_sums_per_tensor(
 }
 
 void lars_step_into(
-    Cpu, at::TensorList out, at::TensorList params, at::TensorList grads, const std::vector<std::optional<at::Tensor>>& buffer,
-    double lr, double momentum, const LarsFlags& flags) {
+    Cpu, at::TensorList out, at::TensorList params, at::TensorList grads,
+    const std::vector<std::optional<at::Tensor>>& buffer, double lr, double momentum, const LarsFlags& flags) {
   const std::vector<Chunk> chunks = make_chunks(params);
   const auto sums = lars_sums_per_tensor(chunks, params, grads, {}, flags);
   std::vector<double> ratios;
@@ -199,10 +199,7 @@ void lars_vjp_into(
 void adamw_step_into(
     Cpu, at::TensorList out, at::TensorList params, at::TensorList grads, const AdamwState& state,
     at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps, double weight_decay) {
-  std::vector<AdamwScalars> scalars;
-  for (const double step : steps) {
-    scalars.push_back(adamw_scalars(step, lr, beta1, beta2, eps, weight_decay));
-  }
+  const std::vector<AdamwScalars> scalars = adamw_scalars_per_tensor(steps, lr, beta1, beta2, eps, weight_decay);
   const std::vector<Chunk> chunks = make_chunks(params);
   const bool stream = use_streaming_stores(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "virtual_adamw_step_cpu", [&] {
@@ -221,10 +218,7 @@ void adamw_step_into(
 void adamw_vjp_into(
     Cpu, at::TensorList out, at::TensorList grads, const AdamwState& state, at::ArrayRef<double> steps,
     at::TensorList vectors, double lr, double beta1, double beta2, double eps) {
-  std::vector<AdamwScalars> scalars;
-  for (const double step : steps) {
-    scalars.push_back(adamw_scalars(step, lr, beta1, beta2, eps, 0.0));
-  }
+  const std::vector<AdamwScalars> scalars = adamw_scalars_per_tensor(steps, lr, beta1, beta2, eps, 0.0);
   const std::vector<Chunk> chunks = make_chunks(grads);
   const bool stream = use_streaming_stores(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "adamw_vjp_cpu", [&] {

@@ -412,8 +412,8 @@ struct LarsStepOp {
 };
 
 void lars_step_into(
-    Cuda, at::TensorList out, at::TensorList params, at::TensorList grads, const std::vector<std::optional<at::Tensor>>& buffer,
-    double lr, double momentum, const LarsFlags& flags) {
+    Cuda, at::TensorList out, at::TensorList params, at::TensorList grads,
+    const std::vector<std::optional<at::Tensor>>& buffer, double lr, double momentum, const LarsFlags& flags) {
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   std::vector<std::array<void*, 4>> ptrs;
   std::vector<LarsTensor> values;
@@ -594,10 +594,7 @@ std::vector<AdamwTensor<acc_t>> adamw_tensor_values(const std::vector<AdamwScala
 void adamw_step_into(
     Cuda, at::TensorList out, at::TensorList params, at::TensorList grads, const AdamwState& state,
     at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps, double weight_decay) {
-  std::vector<AdamwScalars> scalars;
-  for (const double step : steps) {
-    scalars.push_back(adamw_scalars(step, lr, beta1, beta2, eps, weight_decay));
-  }
+  const std::vector<AdamwScalars> scalars = adamw_scalars_per_tensor(steps, lr, beta1, beta2, eps, weight_decay);
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   std::vector<std::array<void*, 5>> ptrs;
   for (const auto i : c10::irange(params.size())) {
@@ -615,10 +612,7 @@ void adamw_step_into(
 void adamw_vjp_into(
     Cuda, at::TensorList out, at::TensorList grads, const AdamwState& state, at::ArrayRef<double> steps,
     at::TensorList vectors, double lr, double beta1, double beta2, double eps) {
-  std::vector<AdamwScalars> scalars;
-  for (const double step : steps) {
-    scalars.push_back(adamw_scalars(step, lr, beta1, beta2, eps, 0.0));
-  }
+  const std::vector<AdamwScalars> scalars = adamw_scalars_per_tensor(steps, lr, beta1, beta2, eps, 0.0);
   const c10::cuda::CUDAGuard device_guard(grads[0].device());
   std::vector<std::array<void*, 5>> ptrs;
   for (const auto i : c10::irange(grads.size())) {
