@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 # The compiled kernels, not the interpreter or a forced fallback.
 unset TRITON_INTERPRET METAMASK_FAST_NO_EXT METAMASK_FAST_BACKEND
 
-TESTS=(tests/test_triton_loss.py tests/test_ops.py tests/test_multi_tensor_ops.py)
+TESTS=(tests/test_triton_loss.py tests/test_ops.py tests/test_multi_tensor_ops.py tests/test_optimizer_ops.py)
 start=$SECONDS
 summary="$OUT/summary.txt"
 : >"$summary"

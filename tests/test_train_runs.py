@@ -329,12 +329,21 @@ def test_ranks_take_their_slice_of_the_same_global_batch():
 # ---------------------------------------------------------------------------------------------- torchrun
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "adamw"])
+def test_torchrun_two_processes_match_one_process(tmp_path, optimizer):
     """``torchrun --nproc-per-node 2`` (gloo, CPU, SyncBN) trains the same weights as one process on the
-    same global batches, to float32 rounding. (Exact parity, in float64, is tests/test_distributed.py's;
-    here the whole command runs. First order: the finite difference divides float32 noise by 2R.)"""
+    same global batches, to float32 rounding, with each network optimizer. (Exact parity, in float64, is
+    tests/test_distributed.py's; here the whole command runs. First order: the finite difference divides
+    float32 noise by 2R.)"""
     common = ["--epochs", "1", "--batch-size", "512", "--sync-bn", "--no-progress", "--knn-every", "1",
-              "--second-order", "none"]
+              "--second-order", "none", "--optimizer", optimizer]
+    # The weights to float32 rounding, as amplified by the update. SGD and LARS move the weights in proportion
+    # to the gradient, whose float32 reduction-order noise between 1 and 2 ranks is small against it (measured
+    # here: 0.5 % median relative difference of SGD's momentum buffers; ~100 % for a bias whose gradient is
+    # ~0). AdamW divides by sqrt(s) + eps, so every coordinate moves by about lr whatever its size, noise
+    # included (measured: 1.6e-3 relative over the weights after 2 steps). Exact parity, in float64, for all
+    # three optimizers, is tests/test_distributed.py's.
+    tolerance = 5e-3 if optimizer == "adamw" else 1e-4
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=environment, timeout=600)
@@ -349,7 +358,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     names = [name for name, value in a["model"].items() if value.is_floating_point()]
     flat_a = torch.cat([a["model"][name].flatten() for name in names])
     flat_b = torch.cat([b["model"][name].flatten() for name in names])
-    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < 1e-4
+    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < tolerance
     assert torch.equal(a["model"]["backbone.layers.1.num_batches_tracked"], b["model"]["backbone.layers.1.num_batches_tracked"])
     record_a, record_b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
     for key in ("loss", "loss_bt", "loss_cl"):
