@@ -18,11 +18,9 @@ from typing import Sequence
 
 from metamask_fast.config import ConfigError, OneLineArgumentParser
 from metamask_fast.evaluate import LINEAR_PROBE_LR, linear_probe
-from metamask_fast.runs import load_run, resolve_device, split_features
+from metamask_fast.runs import LABELLED_TRAIN_SPLIT, labelled_features, load_run, resolve_device
 
 PROG = "metamask_fast.linear"
-# The labelled split a linear classifier is trained on (STL-10: its 5,000 labelled training images).
-_TRAIN_SPLIT = {"stl10": "train"}
 
 
 def _positive(kind):
@@ -75,22 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"argument --output: the folder {str(output.parent)!r} does not exist")
         device = resolve_device(args.device)
         config, model = load_run(args.run, device)
-        split = _TRAIN_SPLIT.get(config.dataset, "train")
-        train = split_features(model, config, split, device, data_dir=args.data_dir, workers=args.workers)
-        test = split_features(model, config, "test", device, data_dir=args.data_dir, workers=args.workers)
-        for name, labels in (("train", train[1]), ("test", test[1])):
-            if labels is None or bool((labels < 0).all()):
-                raise ConfigError(f"argument --run: the {name} split of {config.dataset} has no labels")
-        keep = train[1] >= 0
-        result = linear_probe(train[0][keep], train[1][keep], test[0], test[1], epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                              seed=args.seed, device=device)
+        features = labelled_features(model, config, device, data_dir=args.data_dir, workers=args.workers)
+        result = linear_probe(*features, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              weight_decay=args.weight_decay, seed=args.seed, device=device)
     except ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     result.pop("state", None)
-    result.update(run=str(args.run), dataset=config.dataset, backbone=config.backbone, train_split=split,
-                  seconds=time.perf_counter() - started)
+    result.update(run=str(args.run), dataset=config.dataset, backbone=config.backbone,
+                  train_split=LABELLED_TRAIN_SPLIT, seconds=time.perf_counter() - started)
     try:
         output.write_text(json.dumps(result, indent=2) + "\n")
     except OSError as error:

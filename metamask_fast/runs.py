@@ -100,6 +100,25 @@ def split_features(model: MetaMaskModel, config: TrainConfig, split: str, device
     return features[keep], labels, [name for name, kept in zip(names, keep.tolist()) if kept]
 
 
+# The labelled split that evaluations train on or take neighbours from (STL-10: its 5,000 labelled training
+# images, not the unlabelled split that pre-training also reads).
+LABELLED_TRAIN_SPLIT = "train"
+
+
+def labelled_features(model: MetaMaskModel, config: TrainConfig, device: torch.device, *, data_dir: str | None,
+                      workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train features, train labels, test features, test labels)`` of a run's labelled training split
+    (its labelled images only) and test split, by :func:`split_features`; ``ConfigError`` naming ``--run``
+    when a split has no labels."""
+    train = split_features(model, config, LABELLED_TRAIN_SPLIT, device, data_dir=data_dir, workers=workers)
+    test = split_features(model, config, "test", device, data_dir=data_dir, workers=workers)
+    for name, labels in (("train", train[1]), ("test", test[1])):
+        if labels is None or bool((labels < 0).all()):
+            raise ConfigError(f"argument --run: the {name} split of {config.dataset} has no labels")
+    keep = train[1] >= 0
+    return train[0][keep], train[1][keep], test[0], test[1]
+
+
 def last_line(error: Exception) -> str:
     """The message of ``error``; a DataLoader worker's error carries the worker's traceback, whose last line
     is the original ``Type: message``."""
