@@ -100,7 +100,7 @@ class TrainConfig:
     device: str | None = None
     output_dir: str | None = None
     checkpoint_every: int = 500
-    knn_every: int = 10
+    knn_every: int | None = None  # auto: epochs // 10 (at least 1): ten points or more on the curve
     knn_k: int = 200
     knn_temperature: float = 0.1
     log_every: int = 50
@@ -278,7 +278,8 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "output_dir": (_text(optional=True), "run folder; auto: runs/<dataset>-<method>-<hash of the settings>. "
                                          "Re-running the same command resumes the run in it"),
     "checkpoint_every": (_number(int, minimum=1), "steps between checkpoints (also at every epoch's end)"),
-    "knn_every": (_number(int, minimum=1), "epochs between kNN evaluations (also after the last epoch)"),
+    "knn_every": (_number(int, minimum=1, optional=True), "epochs between kNN evaluations (also after the last "
+                  "epoch); auto: epochs // 10, at least 1, so that the curve has ten points or more"),
     "knn_k": (_number(int, minimum=1), "neighbours of the kNN monitor"),
     "knn_temperature": (_number(float, minimum=0, strict=True), "temperature of the kNN monitor's weights"),
     "log_every": (_number(int, minimum=1), "steps between progress lines when stderr is not a terminal"),
@@ -368,6 +369,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         lr_biases=(DEFAULT_LARS_LR_BIASES if config.lr_biases is None and config.optimizer == "lars"
                    else config.lr_biases),
         workers=min(8, os.cpu_count() or 1) if config.workers is None else config.workers,
+        knn_every=config.knn_every or max(1, config.epochs // 10),
     )
 
 

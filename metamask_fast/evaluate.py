@@ -25,7 +25,8 @@ from metamask_fast.data.pipeline import Data, evaluation_loader
 from metamask_fast.models import MetaMaskModel
 
 __all__ = ["weighted_knn_predict", "knn_top1_accuracy", "extract_features", "topk_accuracy", "linear_probe",
-           "knn_metric", "knn_accuracy", "knn_references", "batch_correlation"]
+           "knn_metric", "knn_accuracy", "knn_features", "knn_references", "batch_correlation", "dimension_counts",
+           "dimension_analysis"]
 
 # Queries are scored in chunks so that the [queries, train] similarity matrix stays small.
 _QUERY_CHUNK = 1024
@@ -363,15 +364,14 @@ def _loader_features(model: MetaMaskModel, loader, device: torch.device) -> tupl
         model.train(was_training)
 
 
-def knn_accuracy(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> float | None:
-    """The kNN monitor (masked features, cosine, k, T of ``config``), or None without labelled splits."""
+def knn_features(model: MetaMaskModel, data: Data, config: TrainConfig,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The kNN monitor's masked features and labels, ``(train, train labels, test, test labels)`` on
+    ``device``, or None without labelled splits."""
     if data.digits is not None:
         split = data.digits
-        return knn_top1_accuracy(
-            extract_features(model, split.train_images.to(device)), split.train_labels.to(device),
-            extract_features(model, split.test_images.to(device)), split.test_labels.to(device),
-            k=config.knn_k, temperature=config.knn_temperature,
-        )
+        return (extract_features(model, split.train_images.to(device)), split.train_labels.to(device),
+                extract_features(model, split.test_images.to(device)), split.test_labels.to(device))
     if data.memory is None:
         return None
     workers = min(config.workers, 4)
@@ -379,8 +379,52 @@ def knn_accuracy(model: MetaMaskModel, data: Data, config: TrainConfig, device: 
         model, evaluation_loader(config.dataset, data.memory, config.image_size, workers), device)
     test_features, test_labels = _loader_features(
         model, evaluation_loader(config.dataset, data.queries, config.image_size, workers), device)
-    return knn_top1_accuracy(train_features, train_labels, test_features, test_labels, k=config.knn_k,
-                             temperature=config.knn_temperature)
+    return train_features, train_labels, test_features, test_labels
+
+
+def knn_accuracy(model: MetaMaskModel, data: Data, config: TrainConfig, device: torch.device) -> float | None:
+    """The kNN monitor (masked features, cosine, k, T of ``config``), or None without labelled splits."""
+    features = knn_features(model, data, config, device)
+    if features is None:
+        return None
+    return knn_top1_accuracy(*features, k=config.knn_k, temperature=config.knn_temperature)
+
+
+def dimension_counts(dims: int, points: int = 12) -> list[int]:
+    """About ``points`` numbers of kept dimensions from 1 to ``dims``, evenly spaced on a log scale."""
+    return sorted({max(1, min(dims, round(dims ** (i / (points - 1))))) for i in range(points)} | {1, dims})
+
+
+@torch.no_grad()
+def dimension_analysis(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                       test_labels: torch.Tensor, mask: torch.Tensor, *, k: int, temperature: float,
+                       draws: int = 5, seed: int = 0) -> dict:
+    """The paper's dimensional analysis: kNN top-1 (cosine, ``k``, ``temperature``) of the masked features
+    keeping only the ``n`` dimensions with the highest mask values, the ``n`` lowest, and ``n`` at random
+    (the mean over ``draws`` draws of a generator seeded with ``seed``), for ``n`` in
+    :func:`dimension_counts`; ties between equal mask values are broken by index. Returns ``dims`` (the
+    ``n``), ``highest``, ``lowest``, ``random`` (lists, one value per ``n``) and ``all`` (every dimension)."""
+    dims = train_features.shape[1]
+    mask = mask.detach().flatten().to(torch.float64).cpu()
+    if mask.numel() != dims:
+        raise ValueError(f"mask must have one value per feature dimension ({dims}), got {mask.numel()}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    order = torch.argsort(-mask, stable=True).to(train_features.device)  # highest first, ties by index
+    generator = torch.Generator().manual_seed(seed)
+
+    def accuracy(kept: torch.Tensor) -> float:
+        return knn_top1_accuracy(train_features[:, kept], train_labels, test_features[:, kept], test_labels,
+                                 k=k, temperature=temperature)
+
+    result = {"dims": dimension_counts(dims), "highest": [], "lowest": [], "random": [],
+              "all": accuracy(order), "draws": draws, "k": k, "temperature": temperature}
+    for n in result["dims"]:
+        result["highest"].append(accuracy(order[:n]))
+        result["lowest"].append(accuracy(order[dims - n:]))
+        picks = [torch.randperm(dims, generator=generator)[:n].to(train_features.device) for _ in range(draws)]
+        result["random"].append(sum(accuracy(p) for p in picks) / draws)
+    return result
 
 
 @torch.no_grad()

@@ -6,9 +6,15 @@
   record's ``epoch``; a panel whose values are all > 0 and span a factor of 10 or more has a log y-scale.
   Written when some record holds one of the three.
 - ``knn.png``: every key ``knn_…_top1`` (not the ``…_top1_best``/``…_top1_last`` variants, nor keys holding
-  ``_best_``/``_last_``) against ``epoch``, drawn at the epochs where the record holds it. Written when some
+  ``_best_``/``_last_``) against ``epoch``, drawn at the epochs where the record holds it, its last value
+  written beside its last point; each of ``references`` (what the monitor is compared with: raw pixels,
+  the network at random initialisation) a labelled horizontal line with its value. Written when some
   record holds one.
 - ``mask.png``: the mask values sorted descending against their rank. Written when ``mask`` is given.
+- ``dims.png``: what the mask learned, :func:`metamask_fast.evaluate.dimension_analysis`'s result ``dims``:
+  kNN top-1 keeping the ``n`` dimensions with the highest mask values, the ``n`` lowest and ``n`` at random,
+  against ``n`` on a log scale, with every dimension's value as a horizontal line. Written when ``dims`` is
+  given.
 - ``correlation.png``: a heat map of the square cross-correlation matrix, diverging colour map on the fixed
   range -1..1, with a colour bar. A matrix larger than 512×512 is block-averaged first (blocks of
   ``f×f`` with ``f = ceil(D / 512)``, the last block of a row or column smaller when ``f`` does not divide
@@ -54,14 +60,18 @@ def write_plots(
     *,
     mask: torch.Tensor | None = None,
     correlation: torch.Tensor | None = None,
+    references: Mapping[str, float] | None = None,
+    dims: Mapping[str, object] | None = None,
 ) -> list[Path]:
     """Write the plots of the module docstring into ``run_dir``; returns the written paths, in the order
-    ``loss.png``, ``knn.png``, ``mask.png``, ``correlation.png`` (those written).
+    ``loss.png``, ``knn.png``, ``mask.png``, ``correlation.png``, ``dims.png`` (those written).
 
     ``run_dir`` must be an existing directory (``FileNotFoundError`` / ``NotADirectoryError`` otherwise);
     ``records`` a non-empty list of dicts, each with a numeric ``epoch``; ``mask`` a non-empty 1-D
     floating-point tensor of finite values; ``correlation`` a non-empty square ``[D, D]`` floating-point
-    tensor of finite values. Existing files of the same names are replaced.
+    tensor of finite values; ``references`` a mapping of labels to finite accuracies; ``dims`` a dimension
+    analysis (lists ``dims``, ``highest``, ``lowest``, ``random`` of one length, and ``all``). Existing
+    files of the same names are replaced.
     """
     run_dir = _check_run_dir(run_dir)
     epochs = _check_records(records)
@@ -72,6 +82,8 @@ def write_plots(
         if correlation.shape[0] != correlation.shape[1]:
             raise ValueError(f"correlation must be a square [D, D] matrix, got shape {tuple(correlation.shape)}")
 
+    references = _check_references(references)
+    dims = _check_dims(dims)
     written = []
     loss_series = {key: _series(records, epochs, key) for key in LOSS_KEYS}
     loss_series = {key: xy for key, xy in loss_series.items() if xy[0]}
@@ -81,11 +93,13 @@ def write_plots(
     knn_series = {key: _series(records, epochs, key) for key in knn_keys}
     knn_series = {key: xy for key, xy in knn_series.items() if xy[0]}
     if knn_series:
-        written.append(_save(run_dir / "knn.png", _knn_figure(knn_series)))
+        written.append(_save(run_dir / "knn.png", _knn_figure(knn_series, references)))
     if mask is not None:
         written.append(_save(run_dir / "mask.png", _mask_figure(mask)))
     if correlation is not None:
         written.append(_save(run_dir / "correlation.png", _correlation_figure(correlation)))
+    if dims is not None:
+        written.append(_save(run_dir / "dims.png", _dims_figure(dims)))
     return written
 
 
@@ -118,6 +132,37 @@ def _check_records(records: object) -> list[float]:
             raise ValueError(f"records[{index}] must hold a finite number under 'epoch', got {epoch!r}")
         epochs.append(float(epoch))
     return epochs
+
+
+def _check_references(references: object) -> dict[str, float]:
+    if references is None:
+        return {}
+    if not isinstance(references, Mapping):
+        raise TypeError(f"references must be a mapping of labels to accuracies, got {type(references).__name__}")
+    for label, value in references.items():
+        if not isinstance(label, str) or not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f"references must map labels (str) to finite numbers, got {label!r}: {value!r}")
+    return {label: float(value) for label, value in references.items()}
+
+
+_DIMS_CURVES = ("highest", "lowest", "random")
+
+
+def _check_dims(dims: object) -> dict | None:
+    if dims is None:
+        return None
+    if not isinstance(dims, Mapping):
+        raise TypeError(f"dims must be a dimension analysis (a mapping), got {type(dims).__name__}")
+    counts = dims.get("dims")
+    if not isinstance(counts, Sequence) or not counts or not all(_is_number(n) and n >= 1 for n in counts):
+        raise ValueError("dims['dims'] must be a non-empty list of dimension counts >= 1")
+    for key in _DIMS_CURVES:
+        values = dims.get(key)
+        if not isinstance(values, Sequence) or len(values) != len(counts) or not all(map(_is_number, values)):
+            raise ValueError(f"dims[{key!r}] must be a list of numbers as long as dims['dims']")
+    if not _is_number(dims.get("all")):
+        raise ValueError("dims['all'] must be a number")
+    return dict(dims)
 
 
 def _check_tensor(name: str, tensor: object, *, dims: int) -> torch.Tensor:
@@ -189,14 +234,40 @@ def _loss_figure(series: dict[str, tuple[list[float], list[float]]]):
     return figure
 
 
-def _knn_figure(series: dict[str, tuple[list[float], list[float]]]):
+_REFERENCE_STYLES = ("--", ":", "-.")
+
+
+def _knn_figure(series: dict[str, tuple[list[float], list[float]]], references: dict[str, float]):
     figure, (ax,) = _figure(6.4, 4.0)
     for key, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker=_marker(len(xs)), markersize=3, linewidth=1.2, label=key)
+        line, = ax.plot(xs, ys, marker=_marker(len(xs)), markersize=3, linewidth=1.2, label=key)
+        if math.isfinite(ys[-1]):
+            ax.annotate(f"{100 * ys[-1]:.2f}%", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4),
+                        fontsize="small", color=line.get_color())
+    for index, (label, value) in enumerate(references.items()):
+        ax.axhline(value, color="0.35", linewidth=1.0, linestyle=_REFERENCE_STYLES[index % len(_REFERENCE_STYLES)],
+                   label=f"{label} ({100 * value:.2f}%)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title("kNN monitor")
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
+
+
+def _dims_figure(dims: dict):
+    figure, (ax,) = _figure(6.4, 4.0)
+    labels = {"highest": "highest mask values", "lowest": "lowest mask values", "random": "random"}
+    for key in _DIMS_CURVES:
+        label = labels[key] + (f" (mean of {dims['draws']})" if key == "random" and "draws" in dims else "")
+        ax.plot(dims["dims"], dims[key], marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.axhline(dims["all"], color="0.35", linewidth=1.0, linestyle="--",
+               label=f"all {max(dims['dims'])} dimensions ({100 * dims['all']:.2f}%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("dimensions kept")
+    ax.set_ylabel("kNN top-1 accuracy")
+    ax.set_title("what the mask learned: kNN on the kept dimensions")
+    ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return figure
 

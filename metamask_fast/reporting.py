@@ -21,7 +21,8 @@ from metamask_fast.evaluate import knn_metric
 from metamask_fast.models import MetaMaskModel
 from metamask_fast.runfolder import read_records, write_text
 
-__all__ = ["Report", "Progress", "tensorboard_writer", "mask_statistics", "run_summary", "print_summary"]
+__all__ = ["Report", "Progress", "tensorboard_writer", "mask_statistics", "run_summary", "print_summary",
+           "REFERENCE_LABELS", "knn_references_by_label"]
 
 PROG = "metamask_fast.train"
 
@@ -72,12 +73,21 @@ def mask_statistics(model: MetaMaskModel) -> dict[str, float]:
                 "mask_min": mask.min().item(), "mask_max": mask.max().item()}
 
 
+# What the kNN monitor is compared with (evaluate.knn_references): (label, key of the summary).
+REFERENCE_LABELS = (("raw pixels", "knn_raw_pixels"), ("network at random init", "knn_random_init"))
+
+
+def knn_references_by_label(references: dict[str, float]) -> dict[str, float]:
+    """The references a run holds, by their label (for the kNN plot)."""
+    return {label: references[key] for label, key in REFERENCE_LABELS if references.get(key) is not None}
+
+
 def print_summary(summary: dict, config: TrainConfig, folder: Path) -> None:
     metric = knn_metric(config)
     protocol = f"kNN top-1 (k={config.knn_k}, T={config.knn_temperature:g}, cosine, masked features)"
     if summary.get(f"{metric}_last") is not None:
         print(f"{protocol}:")
-        for label, key in (("raw pixels", "knn_raw_pixels"), ("network at random init", "knn_random_init")):
+        for label, key in REFERENCE_LABELS:
             if key in summary:
                 print(f"  {label:<32}{100 * summary[key]:6.2f}%")
         trained = f"{config.method} after {config.epochs} epoch{'s' if config.epochs != 1 else ''}"

@@ -58,13 +58,14 @@ from metamask_fast import distributed as mmdist
 from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import DatasetError
 from metamask_fast.data.pipeline import Data, load_data
-from metamask_fast.evaluate import batch_correlation, knn_accuracy, knn_metric, knn_references
+from metamask_fast.evaluate import (batch_correlation, dimension_analysis, knn_accuracy, knn_features, knn_metric,
+                                    knn_references)
 from metamask_fast.info import engine as engine_record
 from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel, build_model
 from metamask_fast.optim import LARS
-from metamask_fast.reporting import Report, mask_statistics, print_summary, run_summary
+from metamask_fast.reporting import Report, knn_references_by_label, mask_statistics, print_summary, run_summary
 from metamask_fast.runfolder import (
     CHECKPOINT,
     RunState,
@@ -463,18 +464,34 @@ def finish(run: Run, records: list[dict], started: float) -> dict:
         from metamask_fast.plots import write_plots
 
         device = torch.device(config.device)
+        dims = _dimension_analysis(run, device)
+        if dims is not None:
+            summary["dimensions"] = dims
         try:
             save(model.backbone.state_dict(), folder / "backbone.pt")
             save(model.mask.state_dict(), folder / "mask.pt")
             write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
             if records:  # a run resumed from a lone final checkpoint has none
                 write_plots(folder, records, mask=model.mask().detach().cpu() if config.method == "metamask" else None,
-                            correlation=batch_correlation(model, run.data, config, device))
+                            correlation=batch_correlation(model, run.data, config, device),
+                            references=knn_references_by_label(run.state.references or {}), dims=dims)
             save(run.checkpoint(finished=True, seconds=summary["training_seconds"]), folder / CHECKPOINT)
         except OSError as error:
             raise RunStopped(write_failure(Path(error.filename or folder), error, run.state.step)) from None
     mmdist.barrier()
     return summary
+
+
+def _dimension_analysis(run: Run, device: torch.device) -> dict | None:
+    """What the mask learned (a MetaMask run with the kNN monitor's labelled splits): the dimensional analysis
+    of :func:`metamask_fast.evaluate.dimension_analysis` on the monitor's features and protocol."""
+    config, model = run.config, run.training.model
+    if config.method != "metamask":
+        return None
+    features = knn_features(model, run.data, config, device)
+    if features is None:
+        return None
+    return dimension_analysis(*features, model.mask().detach(), k=config.knn_k, temperature=config.knn_temperature)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -212,3 +212,29 @@ def test_bad_mask_and_correlation(tmp_path):
         write_plots(tmp_path, records, mask=torch.ones(3, dtype=torch.int64))
     # Every check runs before the first file is written.
     assert list(tmp_path.iterdir()) == []
+
+
+def test_knn_plot_draws_the_references_and_annotates_the_last_values():
+    records = _records(epochs=12, knn_every=1)
+    epochs = [float(r["epoch"]) for r in records]
+    series = {key: plots._series(records, epochs, key) for key in ("knn_k200_t0.1_top1", "knn_k20_t0.1_top1")}
+    figure = plots._knn_figure(series, {"raw pixels": 0.9111, "network at random init": 0.775})
+    (ax,) = figure.axes
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["knn_k200_t0.1_top1", "knn_k20_t0.1_top1", "raw pixels (91.11%)",
+                      "network at random init (77.50%)"]
+    horizontal = {line.get_label(): set(line.get_ydata()) for line in ax.get_lines()[2:]}
+    assert horizontal == {"raw pixels (91.11%)": {0.9111}, "network at random init (77.50%)": {0.775}}
+    assert len(ax.get_lines()[0].get_xdata()) == 12
+    assert sorted(text.get_text() for text in ax.texts) == ["47.00%", "52.00%"]  # 0.35 + 0.12, 0.4 + 0.12
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+
+
+def test_bad_references(tmp_path):
+    with pytest.raises(TypeError, match="references"):
+        write_plots(tmp_path, _records(), references=[0.9])
+    with pytest.raises(ValueError, match="references"):
+        write_plots(tmp_path, _records(), references={"raw pixels": float("nan")})
+    with pytest.raises(ValueError, match="references"):
+        write_plots(tmp_path, _records(), references={3: 0.5})
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from metamask_fast.config import TrainConfig, resolve
 from metamask_fast.train import build_model, main
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "backbone.pt", "mask.pt", "loss.png",
-             "knn.png", "mask.png", "correlation.png")
+             "knn.png", "mask.png", "correlation.png", "dims.png")
 KNN = "knn_k200_t0.1_top1"
 SUMMARY_KEYS = (f"{KNN}_last", f"{KNN}_best", "knn_raw_pixels", "knn_random_init", "epochs", "seconds", "method")
 
@@ -81,6 +81,15 @@ def test_default_run_writes_a_complete_run_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "raw pixels" in printed and "random init" in printed and str(output_dir) in printed
     assert "second_order: finite_difference" in printed  # the resolved config is printed
+
+
+def test_knn_every_auto_gives_the_curve_ten_points_or_more(tmp_path):
+    assert [resolve(TrainConfig(epochs=e)).knn_every for e in (1, 9, 10, 50, 1000)] == [1, 1, 1, 5, 100]
+    assert resolve(TrainConfig(epochs=50, knn_every=7)).knn_every == 7
+    output_dir, _ = run_in_process(tmp_path, "--epochs", "3", "--batch-size", "512")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if KNN in r] == [1, 2, 3]
+    assert (output_dir / "knn.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_run_says_why_it_runs_without_compiled_ops(tmp_path, capsys, monkeypatch):

@@ -295,8 +295,9 @@ def test_one_epoch_on_each_real_format(tmp_path, dataset):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["dataset"] == dataset and summary["steps"] == summary["train_images"] // 8
     assert 0.0 <= summary["knn_k3_t0.1_top1_last"] <= 1.0
-    for name in ("loss.png", "knn.png", "mask.png", "correlation.png"):
+    for name in ("loss.png", "knn.png", "mask.png", "correlation.png", "dims.png"):
         assert is_png(folder / name), name
+    assert summary["dimensions"]["dims"][-1] == 512  # the ResNet-18's features
     backbone = torch.load(folder / "backbone.pt", weights_only=True)
     assert backbone["conv1.weight"].shape == (64, 3, 3, 3)  # the CIFAR stem
 
