@@ -480,6 +480,22 @@ def virtual_sgd_step(
     return result
 
 
+_NOTHING = torch.empty(0)  # an absent optional tensor in the overlap checks: it touches no memory
+
+
+def _check_separate_out(op: str, out: list[torch.Tensor], reads: list[tuple[str, list]]) -> None:
+    """The rules of the C++ ``check_separate_out`` for an op's ``out`` on its fallback path: ``out`` like the
+    first list of ``reads`` (``(name, list)`` pairs, None for absent optional tensors), and no ``out[i]``
+    sharing memory with any read tensor or another ``out[j]``."""
+    (ref_name, ref), *_ = reads
+    _check_pairs(op, ref_name, ref, "out", out)
+    _check_no_internal_overlap(op, "out", out)
+    present = [(name, [_NOTHING if t is None else t for t in tensors]) for name, tensors in reads]
+    for name, tensors in present:
+        _check_no_overlap(op, "out", out, name, tensors, same_allowed=False)
+    _check_no_cross_overlap(op, "out", out, *present)
+
+
 def _virtual_sgd_step_into(weights, grads, buffers, coefficients, out) -> list[torch.Tensor]:
     """:func:`virtual_sgd_step` into ``out``: the compiled op, or the fallback after the kernels' checks."""
     op = "virtual_sgd_step"
@@ -489,13 +505,7 @@ def _virtual_sgd_step_into(weights, grads, buffers, coefficients, out) -> list[t
         if _compiled(_VIRTUAL_SGD_DEVICES, weights, grads, laid_out, out):
             torch.ops.metamask_fast.virtual_sgd_step.out(weights, grads, buffers, *coefficients, out=out)
         else:
-            _check_pairs(op, "params", weights, "out", out)
-            _check_no_internal_overlap(op, "out", out)
-            present = [torch.empty(0) if b is None else b for b in buffers]
-            reads = (("params", weights), ("grads", grads), ("buffers", present))
-            for name, tensors in reads:
-                _check_no_overlap(op, "out", out, name, tensors, same_allowed=False)
-            _check_no_cross_overlap(op, "out", out, *reads)
+            _check_separate_out(op, out, [("params", weights), ("grads", grads), ("buffers", buffers)])
             torch._foreach_copy_(out, _virtual_sgd_step_torch(weights, grads, buffers, *coefficients))
     _bump_versions(out)
     return out

@@ -43,10 +43,8 @@ from metamask_fast._checks import check_number
 from metamask_fast.ops import (
     _bump_versions,
     _check_like,
-    _check_no_cross_overlap,
-    _check_no_internal_overlap,
-    _check_no_overlap,
     _check_pairs,
+    _check_separate_out,
     _check_tensor_list,
     _compiled,
     _kernel_devices,
@@ -56,7 +54,6 @@ __all__ = ["virtual_lars_step", "virtual_adamw_step", "sgd_vjp", "lars_vjp", "ad
 
 _DEVICES = {op: _kernel_devices(op) for op in ("virtual_lars_step", "virtual_adamw_step", "sgd_vjp", "lars_vjp",
                                                "adamw_vjp")}
-_NOTHING = torch.empty(0)  # stands for an absent optional tensor in the overlap checks: it touches no memory
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -116,10 +113,6 @@ def _betas(op: str, betas: object) -> tuple[float, float]:
     return beta1, beta2
 
 
-def _present(tensors: list) -> list[torch.Tensor]:
-    return [_NOTHING if t is None else t for t in tensors]
-
-
 def _in_opmath(fallback, args: tuple) -> list[torch.Tensor]:
     """``fallback(*args)``, for float16 and bfloat16 lists on float32 copies, rounded once at the end, as
     the kernels compute them (in half precision, ‖d‖² or ``eps`` would leave the dtype's range)."""
@@ -147,11 +140,7 @@ def _run(op: str, ref: list[torch.Tensor], layout_lists: list, compiled_args: tu
                 packet.out(*compiled_args, out=out)
                 _bump_versions(out)
                 return out
-            _check_pairs(op, reads[0][0], ref, "out", out)
-            _check_no_internal_overlap(op, "out", out)
-            for name, tensors in reads:
-                _check_no_overlap(op, "out", out, name, _present(tensors), same_allowed=False)
-            _check_no_cross_overlap(op, "out", out, *((name, _present(tensors)) for name, tensors in reads))
+            _check_separate_out(op, out, reads)
             torch._foreach_copy_(out, fallback())
             _bump_versions(out)
             return out
@@ -276,12 +265,11 @@ def _lars_vjp_torch(params, grads, vectors, lr, weight_decay, eta, weight_decay_
 # ----------------------------------------------------------------------------------------------- AdamW
 
 
-def _check_adamw(op, params, exp_avgs, exp_avg_sqs, steps, lr, betas, eps):
-    exp_avgs = _check_optional(op, "exp_avgs", exp_avgs, "params" if op.startswith("virtual") else "grads", params)
-    exp_avg_sqs = _check_optional(op, "exp_avg_sqs", exp_avg_sqs,
-                                  "params" if op.startswith("virtual") else "grads", params)
+def _check_adamw(op, ref_name, ref, exp_avgs, exp_avg_sqs, steps, lr, betas, eps):
+    exp_avgs = _check_optional(op, "exp_avgs", exp_avgs, ref_name, ref)
+    exp_avg_sqs = _check_optional(op, "exp_avg_sqs", exp_avg_sqs, ref_name, ref)
     _check_paired_moments(op, exp_avgs, exp_avg_sqs)
-    steps = _check_steps(op, steps, params)
+    steps = _check_steps(op, steps, ref)
     beta1, beta2 = _betas(op, betas)
     eps = check_number(f"{op}: `eps`", eps, minimum=0)
     return exp_avgs, exp_avg_sqs, steps, _lr(op, lr), beta1, beta2, eps
@@ -298,8 +286,8 @@ def virtual_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     op = "virtual_adamw_step"
     params = [p.detach() for p in _check_tensor_list(op, "params", params)]
     grads = _check_required(op, "grads", grads, "params", params)
-    exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps = _check_adamw(op, params, exp_avgs, exp_avg_sqs, steps,
-                                                                       lr, betas, eps)
+    exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps = _check_adamw(
+        op, "params", params, exp_avgs, exp_avg_sqs, steps, lr, betas, eps)
     weight_decay = check_number(f"{op}: `weight_decay`", weight_decay, minimum=0)
     args = (params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
     layout = [grads, _laid_out(params, exp_avgs), _laid_out(params, exp_avg_sqs)]
@@ -342,8 +330,8 @@ def adamw_vjp(grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor | N
     op = "adamw_vjp"
     grads = [g.detach() for g in _check_tensor_list(op, "grads", grads)]
     vectors = _check_required(op, "vectors", vectors, "grads", grads)
-    exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps = _check_adamw(op, grads, exp_avgs, exp_avg_sqs, steps,
-                                                                       lr, betas, eps)
+    exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps = _check_adamw(
+        op, "grads", grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps)
     args = (grads, exp_avgs, exp_avg_sqs, steps, vectors, lr, beta1, beta2, eps)
     layout = [_laid_out(grads, exp_avgs), _laid_out(grads, exp_avg_sqs), vectors]
     return _run(op, grads, layout, args, _adamw_vjp_torch, out,
