@@ -24,7 +24,7 @@ from typing import Any, Callable
 import yaml
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS_DIR", "preset_names", "load_yaml", "resolve", "check",
-           "RUNTIME_FIELDS", "identity", "describe", "to_yaml"]
+           "RUNTIME_FIELDS", "identity", "describe", "to_yaml", "written_config", "dataset_default"]
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 
@@ -81,8 +81,8 @@ class TrainConfig:
     # optimisation (the network's optimizer, SGD with momentum for the mask; cosine annealing per epoch, or per
     # step after a linear warm-up)
     epochs: int = 50
-    batch_size: int = 128
-    optimizer: str = "sgd"
+    batch_size: int | None = None  # per dataset: DATASET_DEFAULTS
+    optimizer: str | None = None  # per dataset: DATASET_DEFAULTS
     lr: float | None = None  # per optimizer: DEFAULT_LR
     lr_biases: float | None = None
     mask_lr: float = 0.3
@@ -101,7 +101,7 @@ class TrainConfig:
     output_dir: str | None = None
     checkpoint_every: int = 500
     knn_every: int | None = None  # auto: epochs // 10 (at least 1): ten points or more on the curve
-    knn_k: int = 200
+    knn_k: int | None = None  # per dataset: DATASET_DEFAULTS
     knn_temperature: float = 0.1
     log_every: int = 50
     progress: bool = True
@@ -112,12 +112,25 @@ class TrainConfig:
 RUNTIME_FIELDS = ("data_dir", "download", "workers", "device", "output_dir", "checkpoint_every", "knn_every",
                   "log_every", "progress", "max_bad_steps")
 
-# The network's learning rate per optimizer when none is given. SGD: the Barlow Twins gradient is large on the
-# digits net (the loss starts near 300 for 512 dimensions), and larger rates pushed kNN accuracy below the
-# random network's (sweep in metamask_fast/train.py). LARS and AdamW: 2-epoch digits runs above the random
-# network (issue 17's note).
-DEFAULT_LR = {"sgd": 3e-5, "lars": 0.3, "adamw": 1e-3}
+# The network's learning rate per optimizer when none is given, each tuned on the digits. SGD: the Barlow Twins
+# gradient is large on the digits net (the loss starts near 300 for 512 dimensions), and larger rates pushed kNN
+# accuracy below the random network's (sweep in metamask_fast/train.py). LARS: 2-epoch digits runs above the
+# random network (issue 17's note). AdamW: the digits recipe below (issue 18's search, bench/RESULTS.md).
+DEFAULT_LR = {"sgd": 3e-5, "lars": 0.3, "adamw": 2e-3}
 DEFAULT_LARS_LR_BIASES = 3e-5
+
+# The optimizer, batch size and kNN neighbours of a dataset when none is given. The digits' recipe comes from issue
+# 18's search (bench/RESULTS.md): AdamW at batch 256 rises above raw pixels within 50 epochs, where SGD's stayed at
+# them; k = 20 neighbours, because the 1,437 training digits hold about 144 images a class and k = 200 averages
+# over more than one. Every other dataset keeps the values all runs had before (SGD, batch 128, k = 200).
+DATASET_DEFAULTS = {"digits": {"optimizer": "adamw", "batch_size": 256, "knn_k": 20}}
+_GENERAL_DEFAULTS = {"optimizer": "sgd", "batch_size": 128, "knn_k": 200}
+
+
+def dataset_default(dataset: str, name: str) -> Any:
+    """The value of setting ``name`` (optimizer, batch_size or knn_k) that a run on ``dataset`` gets when none
+    is given."""
+    return DATASET_DEFAULTS.get(dataset, {}).get(name, _GENERAL_DEFAULTS[name])
 
 # The SPEC §1 heads for the ResNets; the digits net's 64-d features get the authors' shapes scaled down.
 _HEADS = {"digits_convnet": ((512, 512, 512), (256, 128))}
@@ -251,12 +264,12 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
                                                           "scale_loss)"),
     "meta_interval": (_number(int, minimum=1), "the mask's meta step on every k-th step"),
     "epochs": (_number(int, minimum=1), "training epochs"),
-    "batch_size": (_number(int, minimum=2), "images per step over all processes (the last incomplete batch of "
-                                            "an epoch is dropped)"),
-    "optimizer": (_choice(OPTIMIZERS), "the network's optimizer: sgd (momentum), lars (official Barlow Twins') "
-                                       "or adamw; the mask's is SGD with momentum"),
+    "batch_size": (_number(int, minimum=2, optional=True), "images per step over all processes (the last "
+                   "incomplete batch of an epoch is dropped); auto: 256 digits, 128 otherwise"),
+    "optimizer": (_choice(OPTIMIZERS, optional=True), "the network's optimizer: sgd (momentum), lars (official "
+                  "Barlow Twins') or adamw; the mask's is SGD with momentum; auto: adamw digits, sgd otherwise"),
     "lr": (_number(float, minimum=0, strict=True, optional=True),
-           "learning rate of the network (cosine); auto: 3e-5 sgd, 0.3 lars, 1e-3 adamw (tuned on the digits)"),
+           "learning rate of the network (cosine); auto: 3e-5 sgd, 0.3 lars, 2e-3 adamw (tuned on the digits)"),
     "lr_biases": (_number(float, minimum=0, strict=True, optional=True),
                   "learning rate of the network's 1-d weights (biases, norms) as a group of their own, as "
                   "official Barlow Twins does; auto: 3e-5 for lars (LARS does not adapt zero-initialised "
@@ -280,7 +293,8 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "checkpoint_every": (_number(int, minimum=1), "steps between checkpoints (also at every epoch's end)"),
     "knn_every": (_number(int, minimum=1, optional=True), "epochs between kNN evaluations (also after the last "
                   "epoch); auto: epochs // 10, at least 1, so that the curve has ten points or more"),
-    "knn_k": (_number(int, minimum=1), "neighbours of the kNN monitor"),
+    "knn_k": (_number(int, minimum=1, optional=True), "neighbours of the kNN monitor (in the metric's name); auto: "
+              "20 digits (about 144 training images a class), 200 otherwise"),
     "knn_temperature": (_number(float, minimum=0, strict=True), "temperature of the kNN monitor's weights"),
     "log_every": (_number(int, minimum=1), "steps between progress lines when stderr is not a terminal"),
     "progress": (_boolean, "progress bar (or lines) on stderr"),
@@ -359,14 +373,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
     to the trainer, which knows the machine)."""
     backbone = config.backbone or ("digits_convnet" if config.dataset == "digits" else "resnet18")
     bt_dims, cl_dims = _HEADS.get(backbone, _SPEC_HEADS)
+    optimizer = config.optimizer or dataset_default(config.dataset, "optimizer")
     return dataclasses.replace(
         config,
         backbone=backbone,
+        optimizer=optimizer,
+        batch_size=config.batch_size or dataset_default(config.dataset, "batch_size"),
+        knn_k=config.knn_k or dataset_default(config.dataset, "knn_k"),
         bt_dims=config.bt_dims or bt_dims,
         cl_dims=config.cl_dims or cl_dims,
         image_size=config.image_size or _NATIVE_SIZE[config.dataset],
-        lr=DEFAULT_LR[config.optimizer] if config.lr is None else config.lr,
-        lr_biases=(DEFAULT_LARS_LR_BIASES if config.lr_biases is None and config.optimizer == "lars"
+        lr=DEFAULT_LR[optimizer] if config.lr is None else config.lr,
+        lr_biases=(DEFAULT_LARS_LR_BIASES if config.lr_biases is None and optimizer == "lars"
                    else config.lr_biases),
         workers=min(8, os.cpu_count() or 1) if config.workers is None else config.workers,
         knn_every=config.knn_every or max(1, config.epochs // 10),
@@ -381,9 +399,10 @@ def check(config: TrainConfig, where: Callable[[str], str]) -> None:
     if config.dataset == "digits" and config.augmentation != "simclr":
         raise ConfigError(f"{where('augmentation')}: the digits have their own recipe; {config.augmentation} "
                           "is for CIFAR, STL-10 and image folders")
-    if config.exclude_bias_norm and config.optimizer != "lars":
-        raise ConfigError(f"{where('exclude_bias_norm')}: only with --optimizer lars, got --optimizer "
-                          f"{config.optimizer}")
+    optimizer = config.optimizer or dataset_default(config.dataset, "optimizer")
+    if config.exclude_bias_norm and optimizer != "lars":
+        raise ConfigError(f"{where('exclude_bias_norm')}: only with --optimizer lars, got --optimizer {optimizer}"
+                          f"{'' if config.optimizer else ' (the default for ' + config.dataset + ')'}")
     if config.warmup_epochs >= config.epochs:
         raise ConfigError(f"{where('warmup_epochs')}: must be below --epochs {config.epochs}, got "
                           f"{config.warmup_epochs}")
@@ -404,6 +423,13 @@ def identity(config: TrainConfig) -> dict[str, Any]:
     values = json.loads(json.dumps(dataclasses.asdict(config)))
     return {key: value for key, value in values.items()
             if key not in RUNTIME_FIELDS and not (key in LATER_FIELDS and value == LATER_FIELDS[key])}
+
+
+def written_config(values: dict[str, Any]) -> TrainConfig:
+    """The settings of a run folder's ``config.yaml`` (``values``, read as YAML): a setting added after the
+    folder was written takes the value runs had before it (:data:`LATER_FIELDS`), not today's default."""
+    merged = {**{key: value for key, value in LATER_FIELDS.items() if key not in values}, **values}
+    return TrainConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in merged.items()})
 
 
 def describe(config: TrainConfig) -> str:

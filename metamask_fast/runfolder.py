@@ -121,7 +121,7 @@ def _same_early_config(folder: Path, config: TrainConfig) -> bool:
     checkpoint)."""
     try:
         written = cfg.yaml.safe_load((folder / "config.yaml").read_text())
-        return cfg.identity(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in written.items()})) == cfg.identity(config)
+        return cfg.identity(cfg.written_config(written)) == cfg.identity(config)
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
 

@@ -46,7 +46,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Me
         values, _ = cfg.load_yaml(str(folder / "config.yaml"))
     except ConfigError as error:
         raise ConfigError(f"argument --run: {str(error).removeprefix('argument --config: ')}") from None
-    config = cfg.resolve(TrainConfig(**values))
+    config = cfg.resolve(cfg.written_config(values))
     model = build_model(config)
     try:
         model.backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True))

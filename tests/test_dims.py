@@ -101,7 +101,7 @@ def test_trainer_and_command_on_real_run_folders(tmp_path, capsys):
     assert train_main([*common, "--method", "barlowtwins", "--output-dir", str(baseline)]) == 0
     summary = json.loads((metamask / "summary.json").read_text())
     assert (metamask / "dims.png").read_bytes()[:4] == b"\x89PNG"
-    assert summary["dimensions"]["dims"][-1] == 64 and summary["dimensions"]["k"] == 200
+    assert summary["dimensions"]["dims"][-1] == 64 and summary["dimensions"]["k"] == 20
     assert not (baseline / "dims.png").exists() and "dimensions" not in json.loads(
         (baseline / "summary.json").read_text())
     capsys.readouterr()
