@@ -59,10 +59,19 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_at_random_moments_then_rerun_gives_the_same_weights(tmp_path, uninterrupted):
     folder = tmp_path / "run"
+    kill_at_random_moments_until_done(command(folder), folder)
+    assert_bitwise_equal(final_state(folder), final_state(uninterrupted))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # every epoch once, none lost, none doubled
+
+
+def kill_at_random_moments_until_done(argv: list[str], folder: Path) -> None:
+    """Run ``argv`` (which writes ``folder``) again and again, SIGKILLing the first four tries at a random
+    moment once training has started, until one finishes; at least two kills must have landed."""
     rng = random.Random(1234)
     kills = 0
     for attempt in range(8):
-        process = subprocess.Popen(command(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if attempt < 4:
             # Kill only once training has started (the checkpoint exists), at a random moment after that.
             deadline = time.monotonic() + 120
@@ -77,9 +86,6 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_weights(tmp_path, u
             break
         assert process.returncode == -signal.SIGKILL, stderr
     assert process.returncode == 0 and kills >= 2
-    assert_bitwise_equal(final_state(folder), final_state(uninterrupted))
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]  # every epoch once, none lost, none doubled
 
 
 def test_a_write_cut_short_by_a_kill_leaves_the_previous_checkpoint(tmp_path):
