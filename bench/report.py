@@ -1,7 +1,7 @@
 """Print the ratios of one benchmark run: ``python bench/report.py RESULTS.json``.
 
 For every benchmark group, each case's median time and how many times faster it is than the group's
-baseline (the case named ``authors`` or ``authors_second_order``, whichever the group has), where the
+baseline (the case named ``authors``, ``authors_second_order`` or ``pil_loader``, whichever the group has), where the
 group has them, than ``authors_compiled``, ``faithful`` and ``barlow_twins``, and where it has ``foreach`` cases, than the fastest of them
 (the best ``torch._foreach`` sequence); then its ``extra_info`` (peak extra memory on CUDA), and GB/s where
 a case gives the megabytes it must move (``mbytes_moved``).
@@ -10,7 +10,7 @@ a case gives the megabytes it must move (``mbytes_moved``).
 import json
 import sys
 
-BASELINES = ("authors", "authors_second_order")
+BASELINES = ("authors", "authors_second_order", "pil_loader")
 # Further references where a group has them: torch.compile of the authors' loss; in the step groups the
 # faithful mode (for the exact mode's target) and the plain Barlow Twins step (the unit of cost).
 SECOND_BASELINES = ("authors_compiled", "faithful", "barlow_twins")

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = ["BATCH_RECIPES", "BatchTwoViews", "key_uniforms"]
 
@@ -218,34 +219,25 @@ def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, he
     """Each image's box ``(top, left, height, width)`` resized bilinearly to ``size × size`` (half-pixel
     centres, edges clamped to the box, no antialiasing: ``torchvision.transforms.v2.functional.resized_crop``
     with ``antialias=False``), mirrored left-right where ``flip``; float32 in ``[0, 1]`` from uint8 (or the
-    same scale from float input)."""
+    same scale from float input).
+
+    One ``grid_sample`` at per-image sample positions that never leave the box (each output pixel reads its
+    own position only, so no image changes another's result)."""
     device = images.device
+    h, w = images.shape[-2:]
     out = torch.arange(size, device=device, dtype=torch.float32) + 0.5
 
-    def axis(start, length):  # sample positions and weights along one axis, per image: [B, size]
+    def axis(start, length, extent):  # each output pixel's source position in [-1, 1] coordinates: [B, size]
         scale = (length.to(torch.float32) / size)[:, None]
-        source = (out[None, :] * scale - 0.5).clamp(min=0)
-        low = source.floor()
-        weight = source - low
-        low = low.to(torch.int64)
-        high = torch.minimum(low + 1, (length - 1)[:, None])
-        return low + start[:, None], high + start[:, None], weight
+        source = torch.minimum((out[None, :] * scale - 0.5).clamp(min=0), (length - 1).to(torch.float32)[:, None])
+        return (2 * (source + start.to(torch.float32)[:, None]) + 1) / extent - 1
 
-    y0, y1, wy = axis(top, height)
-    x0, x1, wx = axis(left, width)
+    gy, gx = axis(top, height, h), axis(left, width, w)
     if flip is not None:
-        x0, x1, wx = (torch.where(flip[:, None], v.flip(1), v) for v in (x0, x1, wx))
-    b, c, h, w = images.shape
-    flat = images.reshape(b, c, h * w)
-
-    def gather(ys, xs):  # images[b, :, ys[b, i], xs[b, j]] as [B, C, size, size]
-        index = (ys[:, :, None] * w + xs[:, None, :]).reshape(b, 1, size * size).expand(b, c, size * size)
-        return torch.gather(flat, 2, index).reshape(b, c, size, size).to(torch.float32)
-
-    wy, wx = wy[:, None, :, None], wx[:, None, None, :]
-    top_row = gather(y0, x0) * (1 - wx) + gather(y0, x1) * wx
-    bottom_row = gather(y1, x0) * (1 - wx) + gather(y1, x1) * wx
-    result = top_row * (1 - wy) + bottom_row * wy
+        gx = torch.where(flip[:, None], gx.flip(1), gx)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    result = F.grid_sample(images.to(torch.float32), grid, mode="bilinear", padding_mode="border",
+                           align_corners=False)
     return result / 255 if images.dtype == torch.uint8 else result
 
 
@@ -275,24 +267,22 @@ def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 
 def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's hue by ``shift`` turns (in [-0.5, 0.5]), through HSV."""
+    """Rotate each image's hue by ``shift`` turns (in [-0.5, 0.5]), through HSV: value and chroma stay, the hue
+    in sixths of a turn ``h`` moves, and each channel is ``min + chroma·clamp(·, 0, 1)`` of its distance to ``h``
+    (red ``|h − 3| − 1``, green ``2 − |h − 2|``, blue ``2 − |h − 4|``)."""
     r, g, b = images.unbind(1)
-    value, _ = images.max(dim=1)
-    low, _ = images.min(dim=1)
+    value = torch.maximum(torch.maximum(r, g), b)
+    low = torch.minimum(torch.minimum(r, g), b)
     chroma = value - low
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, 1), 0)
-    safe = torch.where(chroma > 0, chroma, 1)
-    # The hue in sixths of a turn, by the sector of the largest channel.
-    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    hue = torch.where(chroma > 0, hue, 0) / 6
-    hue = torch.remainder(hue + shift.view(-1, 1, 1).to(images.dtype), 1.0)
-    # Back to RGB: each channel n is value − chroma·clamp(min(k, 4 − k), 0, 1) with k = (n + 6·hue) mod 6.
-    chroma = value * saturation
-    channels = []
-    for n in (5, 3, 1):
-        k = torch.remainder(n + 6 * hue, 6)
-        channels.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(channels, dim=1)
+    # The hue in sixths of a turn, by the sector of the largest channel (red first, then green, as torchvision).
+    sector = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * chroma, r - g + 4 * chroma))
+    hue = torch.where(chroma > 0, sector / torch.where(chroma > 0, chroma, 1), 0)
+    hue = torch.remainder(hue + 6 * shift.view(-1, 1, 1).to(images.dtype), 6.0)
+    red = (hue - 3).abs_().sub_(1).clamp_(0, 1)
+    green = (hue - 2).abs_().neg_().add_(2).clamp_(0, 1)
+    blue = (hue - 4).abs_().neg_().add_(2).clamp_(0, 1)
+    chroma, low = chroma.unsqueeze(1), low.unsqueeze(1)
+    return torch.stack([red, green, blue], dim=1).mul_(chroma).add_(low)
 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
@@ -317,15 +307,19 @@ _JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 def _jitter(x: torch.Tensor, params: dict, on: dict) -> torch.Tensor:
-    """ColorJitter on the images whose ``jitter`` is set: at each of four positions, each image runs the
-    operation its ``order`` puts there (the rows of one operation as a sub-batch)."""
-    functions = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for position in range(4):
-        for op, function in enumerate(functions):
-            rows = params["jitter"] & (params["order"][:, position] == op)
-            if rows.any():
-                index = rows.nonzero()[:, 0].to(x.device)
-                x = x.index_copy(0, index, function(x.index_select(0, index), on[_JITTER_OPS[op]][index]))
+    """ColorJitter on the images whose ``jitter`` is set, each running the four operations in its own
+    ``order``: the images of one order (24 at most) as a sub-batch, taken out and put back once."""
+    functions = dict(zip(_JITTER_OPS, (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)))
+    order = params["order"]
+    codes = ((order[:, 0] * 4 + order[:, 1]) * 4 + order[:, 2]) * 4 + order[:, 3]
+    for code in torch.unique(codes[params["jitter"]]).tolist():
+        chosen = (params["jitter"] & (codes == code)).nonzero()[:, 0]
+        index = chosen.to(x.device)
+        rows = x.index_select(0, index)
+        for op in order[chosen[0]].tolist():
+            name = _JITTER_OPS[op]
+            rows = functions[name](rows, on[name][index])
+        x.index_copy_(0, index, rows)
     return x
 
 
@@ -334,7 +328,7 @@ def _where_rows(rows: torch.Tensor, x: torch.Tensor, function) -> torch.Tensor:
     if not rows.any():
         return x
     index = rows.nonzero()[:, 0].to(x.device)
-    return x.index_copy(0, index, function(x.index_select(0, index)))
+    return x.index_copy_(0, index, function(x.index_select(0, index)))
 
 
 def _digits_view(images: torch.Tensor, params: dict, size: int, noise_uniforms: torch.Tensor) -> torch.Tensor:
