@@ -35,6 +35,7 @@ SECOND_ORDER_MODES = ("finite_difference", "exact", "none")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 AUGMENTATIONS = ("simclr", "asymmetric")
+AUGMENT_PLACES = ("device", "workers")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -63,6 +64,7 @@ class TrainConfig:
     download: bool = False
     image_size: int | None = None
     augmentation: str = "simclr"
+    augment_on: str | None = None  # auto: device
     workers: int | None = None
     # model
     backbone: str | None = None
@@ -247,6 +249,11 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "augmentation": (_choice(AUGMENTATIONS), "two-view recipe of CIFAR/STL/folders: simclr (the same "
                      "for both views) or asymmetric (solo-learn's Barlow Twins pair: saturation 0.2, solarization "
                      "p=0.2 on the second view)"),
+    "augment_on": (_choice(AUGMENT_PLACES, optional=True), "where the two views are made: device (whole uint8 "
+                   "batches on the training device, per-sample random keys; CIFAR and STL-10 are kept there, "
+                   "image folders decoded by the loader processes) or workers (PIL, one image at a time in the "
+                   "loader processes); auto: device (bench/RESULTS.md). The digits are always augmented on the "
+                   "device"),
     "workers": (_number(int, minimum=0, optional=True),
                 "data-loading processes (image datasets); auto: min(8, CPU cores)"),
     "backbone": (_choice(BACKBONES, optional=True), "auto: digits_convnet for digits, resnet18 otherwise"),
@@ -386,6 +393,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         lr=DEFAULT_LR[optimizer] if config.lr is None else config.lr,
         lr_biases=(DEFAULT_LARS_LR_BIASES if config.lr_biases is None and optimizer == "lars"
                    else config.lr_biases),
+        augment_on=config.augment_on or "device",
         workers=min(8, os.cpu_count() or 1) if config.workers is None else config.workers,
         knn_every=config.knn_every or max(1, config.epochs // 10),
     )
@@ -396,6 +404,9 @@ def check(config: TrainConfig, where: Callable[[str], str]) -> None:
     if config.backbone == "digits_convnet" and config.dataset != "digits":
         raise ConfigError(f"{where('backbone')}: digits_convnet is for the 16x16 digits; use resnet18 or resnet50 "
                           f"for {config.dataset}")
+    if config.dataset == "digits" and config.augment_on == "workers":
+        raise ConfigError(f"{where('augment_on')}: the digits are augmented on the device (whole batches); "
+                          "workers is for CIFAR, STL-10 and image folders")
     if config.dataset == "digits" and config.augmentation != "simclr":
         raise ConfigError(f"{where('augmentation')}: the digits have their own recipe; {config.augmentation} "
                           "is for CIFAR, STL-10 and image folders")
@@ -417,18 +428,26 @@ LATER_FIELDS = {"augmentation": "simclr", "optimizer": "sgd", "lr_biases": None,
                 "scale_loss": 1.0}
 
 
+def _augment_on_before(dataset: str) -> str:
+    """Where runs made before ``augment_on`` existed augmented: the digits on the device, the rest in workers."""
+    return "device" if dataset == "digits" else "workers"
+
+
 def identity(config: TrainConfig) -> dict[str, Any]:
     """The settings that define what a run computes (everything but :data:`RUNTIME_FIELDS`), as JSON types;
-    settings of :data:`LATER_FIELDS` only where they differ from the value runs had before them."""
+    settings of :data:`LATER_FIELDS` (and ``augment_on``, whose earlier value depends on the dataset) only where
+    they differ from the value runs had before them."""
     values = json.loads(json.dumps(dataclasses.asdict(config)))
+    earlier = {**LATER_FIELDS, "augment_on": _augment_on_before(config.dataset)}
     return {key: value for key, value in values.items()
-            if key not in RUNTIME_FIELDS and not (key in LATER_FIELDS and value == LATER_FIELDS[key])}
+            if key not in RUNTIME_FIELDS and not (key in earlier and value == earlier[key])}
 
 
 def written_config(values: dict[str, Any]) -> TrainConfig:
     """The settings of a run folder's ``config.yaml`` (``values``, read as YAML): a setting added after the
     folder was written takes the value runs had before it (:data:`LATER_FIELDS`), not today's default."""
-    merged = {**{key: value for key, value in LATER_FIELDS.items() if key not in values}, **values}
+    earlier = {**LATER_FIELDS, "augment_on": _augment_on_before(values.get("dataset", TrainConfig.dataset))}
+    merged = {**{key: value for key, value in earlier.items() if key not in values}, **values}
     return TrainConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in merged.items()})
 
 

@@ -522,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ctx.is_main:
             open_run_folder(folder, config, origin)
             print(f"{PROG}: {engine_line(engine)}", flush=True)  # first: a run never hides what it runs on
+            print(f"{PROG}: data: {data.batches.describe()}", flush=True)
             print(cfg.to_yaml(config), end="")
             if checkpoint is not None:
                 print(f"{PROG}: resuming from {folder / CHECKPOINT} at epoch {checkpoint['epoch'] + 1}, "

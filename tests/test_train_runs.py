@@ -22,7 +22,8 @@ from PIL import Image
 from metamask_fast import config as cfg
 from metamask_fast import evaluate, models, reporting, runfolder
 from metamask_fast import train as train_module
-from metamask_fast.data import load_images, pipeline, simclr_augmentation
+from metamask_fast.data import BatchTwoViews, load_images, pipeline, simclr_augmentation
+from metamask_fast.data import augment as augment_module
 from metamask_fast.train import main, parse_config
 
 from interrupts import interrupt_at
@@ -356,6 +357,51 @@ def test_two_views_depend_only_on_seed_epoch_and_index(tmp_path):
     torch.manual_seed(123)
     views[(2, 7)]
     assert torch.equal(torch.get_rng_state(), state_before)  # the caller's random state is left alone
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "folder"])
+def test_device_batches_are_the_views_of_their_samples_keys_on_any_number_of_processes(tmp_path, dataset):
+    """``--augment-on device``: a batch is BatchTwoViews of its images under the keys mix(seed, epoch, index)
+    of the samples the sampler picks, so two ranks' slices are the rows of one process's global batch."""
+    rng = np.random.default_rng(3)
+    if dataset == "cifar10":
+        write_cifar(tmp_path, "cifar10", 30, 5, rng)
+    else:
+        write_folder(tmp_path, rng)
+    images = load_images(dataset, tmp_path, "train")
+    make = lambda rank=0, world=1: pipeline.DeviceBatches(  # noqa: E731
+        dataset, images, 16, 6, seed=9, device=torch.device("cpu"), workers=0, rank=rank, world_size=world)
+    whole = list(make().epoch(2, start=1))
+    halves = [list(make(rank, 2).epoch(2, start=1)) for rank in range(2)]
+    assert len(whole) == len(images) // 6 - 1
+    for (x0, x1), first, second in zip(whole, *halves):
+        assert torch.equal(torch.cat([first[0], second[0]]), x0) and torch.equal(torch.cat([first[1], second[1]]), x1)
+    # The first batch of epoch 2 from the images and keys themselves.
+    order = pipeline.epoch_order(len(images), 9, 2)[6:12]
+    keys = torch.tensor([pipeline.mix(9, 2, int(i)) for i in order])
+    augment = BatchTwoViews("simclr", 16, *augment_module._STATISTICS[dataset])
+    if dataset == "cifar10":
+        expected = augment(images.images[order], keys)
+    else:
+        decoded = pipeline.DecodedImages(images, 16, seed=9)
+        expected = augment(torch.stack([decoded[(2, int(i))][0] for i in order]), keys)
+    assert torch.equal(whole[0][0], expected[0]) and torch.equal(whole[0][1], expected[1])
+
+
+def test_augment_on_defaults_to_the_device_and_old_runs_keep_their_identity(tmp_path, capsys):
+    config, _, _ = parse_config(["--dataset", "cifar10"])
+    assert cfg.resolve(config).augment_on == "device"
+    # Runs before the setting: CIFAR and the rest augmented in workers, the digits on the device.
+    workers = cfg.resolve(cfg.TrainConfig(dataset="cifar10", augment_on="workers", epochs=800, batch_size=512,
+                                          lr=1e-3, mask_lr=1e-3))
+    assert cfg.describe(workers) == "f0446ecc" and "augment_on" not in cfg.identity(workers)
+    assert "augment_on" not in cfg.identity(cfg.resolve(cfg.TrainConfig()))
+    assert cfg.identity(cfg.resolve(config))["augment_on"] == "device"
+    assert cfg.resolve(cfg.written_config({"dataset": "stl10"})).augment_on == "workers"
+    code = main(["--augment-on", "workers", "--output-dir", str(tmp_path / "run")])
+    one_line_error(capsys, code, "argument --augment-on: the digits are augmented on the device")
+    code = main(["--augment-on", "gpu", "--output-dir", str(tmp_path / "run")])
+    one_line_error(capsys, code, "argument --augment-on: must be one of device, workers or auto, got 'gpu'")
 
 
 def test_ranks_take_their_slice_of_the_same_global_batch():

@@ -21,18 +21,21 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
+from torchvision.transforms import functional as TF
 
 from metamask_fast import config as cfg
 from metamask_fast import distributed as mmdist
 from metamask_fast.config import ConfigError, TrainConfig
-from metamask_fast.data.augment import DigitAugmentation, eval_transform, view_augmentations
+from metamask_fast.data.augment import _STATISTICS, DigitAugmentation, eval_transform, view_augmentations
+from metamask_fast.data.batch_augment import BatchTwoViews
 from metamask_fast.data.digits import DigitsSplit, load_digits_split
 from metamask_fast.data.formats import DatasetError, ImageSet, load_images, pil_image
 
 __all__ = ["mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
-           "LabeledImages", "DigitsBatches", "ImageBatches", "evaluation_loader", "shuffled_batches",
-           "Data", "load_data"]
+           "LabeledImages", "DigitsBatches", "ImageBatches", "DecodedImages", "DeviceBatches", "evaluation_loader",
+           "shuffled_batches", "Data", "load_data"]
 
 
 def mix(*values: int) -> int:
@@ -154,6 +157,10 @@ class DigitsBatches:
     def batches_per_epoch(self) -> int:
         return self.num_samples // self.batch_size
 
+    def describe(self) -> str:
+        return (f"digits train, {self.num_samples:,} images, {_megabytes(self.images)} on {self.device}, both views "
+                "made there a batch at a time")
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.num_samples, self.seed, epoch).to(self.device)
         local = self.batch_size // self.world_size
@@ -197,6 +204,98 @@ class ImageBatches:
         for x0, x1 in self.loader:
             yield x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
 
+    def describe(self) -> str:
+        workers = self.loader.num_workers
+        where = f"{workers} loader process{'es' if workers != 1 else ''}" if workers else "the main process"
+        return f"{self.sampler.num_samples:,} training images, both views made by PIL in {where}"
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """``(image, key)`` for the key ``(epoch, index)`` of :class:`EpochBatchSampler`: image ``index`` (the next
+    readable one when its file cannot be read, :func:`readable_image`) resized to ``size`` on its shorter side
+    and centre-cropped, as uint8 ``[3, size, size]``, and its random key ``mix(seed, epoch, index)``."""
+
+    def __init__(self, images: ImageSet, size: int, seed: int):
+        self.images, self.size, self.seed = images, size, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        image, _ = readable_image(self.images, index)
+        square = TF.center_crop(TF.resize(image, self.size), self.size)
+        return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1), mix(self.seed, epoch, index)
+
+
+class DeviceBatches:
+    """An image dataset's training batches, both views made on the training device a whole batch at a time by
+    :class:`~metamask_fast.data.batch_augment.BatchTwoViews`, sample ``index`` of epoch ``e`` under the key
+    ``mix(seed, e, index)`` (the per-sample seed of the PIL path). So a sample's views depend on its image and key
+    alone: resuming, the number of processes and their slices of the global batch change nothing.
+
+    In-memory images (CIFAR, STL-10) stay as uint8 on the training device, or in host memory when they would
+    take more than half of the device's free memory (:attr:`fallback` says so). An image folder's files are
+    decoded in ``workers`` loader processes (:class:`DecodedImages`: the central square at the training size;
+    the PIL path crops from the whole image)."""
+
+    def __init__(self, name: str, images: ImageSet, size: int, batch_size: int, seed: int, device: torch.device,
+                 workers: int, rank: int = 0, world_size: int = 1, augmentation: str = "simclr"):
+        self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
+        self.augment = BatchTwoViews(augmentation, size, *_STATISTICS[name])
+        self.name, self.seed, self.device = name, seed, device
+        self.images, self.loader, self.fallback = None, None, None
+        if isinstance(images.images, torch.Tensor):
+            self.images = images.images
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                if self.images.numel() <= free // 2:
+                    self.images = self.images.to(device)
+                else:
+                    self.images = self.images.pin_memory()
+                    self.fallback = (f"the {_megabytes(self.images)} of training images would take more than half of "
+                                     f"{device}'s free {free / 1e6:,.0f} MB: they stay in host memory, each batch is "
+                                     "copied over")
+        else:
+            self.loader = torch.utils.data.DataLoader(
+                DecodedImages(images, size, seed), batch_sampler=self.sampler, num_workers=workers,
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None)
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch, self.sampler.start = epoch, start
+        if self.loader is not None:
+            for images, keys in self.loader:
+                yield self.augment(images.to(self.device, non_blocking=True), keys)
+            return
+        for batch in self.sampler:
+            index = torch.tensor([i for _, i in batch])
+            keys = torch.tensor([mix(self.seed, epoch, i) for i in index.tolist()], dtype=torch.int64)
+            images = self.images[index.to(self.images.device)]
+            yield self.augment(images.to(self.device, non_blocking=True), keys)
+
+    def describe(self) -> str:
+        if self.loader is not None:
+            workers = self.loader.num_workers
+            where = f"{workers} loader process{'es' if workers != 1 else ''}" if workers else "the main process"
+            return (f"{self.name} train, {self.num_samples:,} images decoded in {where}, both views made on "
+                    f"{self.device} a batch at a time")
+        place = f"host memory ({self.fallback})" if self.fallback else str(self.device)
+        return (f"{self.name} train, {self.num_samples:,} images, {_megabytes(self.images)} on {place}, both views "
+                "made there a batch at a time")
+
+
+def _megabytes(tensor: torch.Tensor) -> str:
+    return f"{tensor.numel() * tensor.element_size() / 1e6:,.1f} MB"
+
 
 def evaluation_loader(name: str, images: ImageSet, size: int, workers: int, batch_size: int = 256):
     """Batches of ``(images, labels)`` of a split in the evaluation transform, in the split's order."""
@@ -234,7 +333,7 @@ _SPLITS = {"cifar10": ("train", "train", "test"), "cifar100": ("train", "train",
 class Data:
     """Training batches and the kNN monitor's labelled splits (``None`` when the dataset has no labels)."""
 
-    batches: DigitsBatches | ImageBatches
+    batches: DigitsBatches | ImageBatches | DeviceBatches
     num_train: int
     memory: DigitsSplit | ImageSet | None = None
     queries: ImageSet | None = None
@@ -274,6 +373,7 @@ def load_data(config: TrainConfig, device: torch.device, ctx: mmdist.DistContext
     if data.digits is not None:
         data.batches = DigitsBatches(data.digits, config.batch_size, config.seed, device, ctx.rank, ctx.world_size)
     else:
-        data.batches = ImageBatches(config.dataset, images, config.image_size, config.batch_size, config.seed, device,
-                                    config.workers, ctx.rank, ctx.world_size, augmentation=config.augmentation)
+        batches = DeviceBatches if config.augment_on == "device" else ImageBatches
+        data.batches = batches(config.dataset, images, config.image_size, config.batch_size, config.seed, device,
+                               config.workers, ctx.rank, ctx.world_size, augmentation=config.augmentation)
     return data
