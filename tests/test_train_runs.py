@@ -470,3 +470,38 @@ def test_tensorboard_logs_when_installed(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("epoch/loss")]
     assert logged == [(r["epoch"], pytest.approx(r["loss"])) for r in records]
     assert len(events.Scalars("step/loss")) == 2 * (1437 // 512)
+
+
+def test_torchrun_two_processes_match_one_process_with_views_made_on_the_device(tmp_path):
+    """``--augment-on device`` on a CIFAR-format folder: each rank makes the views of its slice of the global
+    batch, which are the rows of one process's (tested above, bitwise), so two gloo ranks train the weights of
+    one process to float32 rounding, as on the digits."""
+    write_cifar(tmp_path / "data", "cifar10", 40, 10, np.random.default_rng(5))
+    common = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--augment-on", "device", "--epochs", "1",
+              "--batch-size", "16", "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "32,32",
+              "--cl-dims", "32,16", "--knn-k", "3", "--sync-bn", "--second-order", "none", "--workers", "0",
+              "--no-progress"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=environment, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=environment, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert b["step"] == a["step"] == 40 // 16
+    names = [name for name, value in a["model"].items() if value.is_floating_point()]
+    flat_a = torch.cat([a["model"][name].flatten() for name in names])
+    flat_b = torch.cat([b["model"][name].flatten() for name in names])
+    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < 1e-4
+    record_a, record_b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
+    assert record_b["loss"] == pytest.approx(record_a["loss"], rel=1e-4)
+    # Another seed (other initial weights and views) ends elsewhere: the bound above is not met by any two runs.
+    other = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--seed", "1", "--output-dir",
+                            str(tmp_path / "other")], capture_output=True, text=True, env=environment, timeout=600)
+    assert other.returncode == 0, other.stderr
+    c = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)
+    flat_c = torch.cat([c["model"][name].flatten() for name in names])
+    assert ((flat_a - flat_c).norm() / flat_a.norm()).item() > 1e-3
