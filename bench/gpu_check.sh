@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 # The compiled kernels, not the interpreter or a forced fallback.
 unset TRITON_INTERPRET METAMASK_FAST_NO_EXT METAMASK_FAST_BACKEND
 
-TESTS=(tests/test_triton_loss.py tests/test_ops.py tests/test_multi_tensor_ops.py tests/test_optimizer_ops.py)
+TESTS=(tests/test_triton_loss.py tests/test_ops.py tests/test_multi_tensor_ops.py tests/test_optimizer_ops.py
+       tests/test_batch_augment.py)
 start=$SECONDS
 summary="$OUT/summary.txt"
 : >"$summary"
@@ -55,7 +56,8 @@ tail -n 40 "$OUT/tests.log"
 
 # 4. The CUDA benchmarks (their ids carry the device, so -k cuda selects them).
 bench_rc=0
-timeout -k 10 140 pytest bench/test_bench_losses.py bench/test_bench_ops.py --benchmark-only -k cuda -p no:cacheprovider \
+timeout -k 10 140 pytest bench/test_bench_losses.py bench/test_bench_ops.py bench/test_bench_data.py --benchmark-only \
+    -k "cuda or augmentation" -p no:cacheprovider \
     --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || bench_rc=$?
 record bench_losses "$bench_rc"
 if [[ -s "$OUT/bench.json" ]]; then
