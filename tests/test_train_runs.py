@@ -415,6 +415,30 @@ def test_ranks_take_their_slice_of_the_same_global_batch():
 # ---------------------------------------------------------------------------------------------- torchrun
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_on_one_and_two_processes(tmp_path: Path, arguments: list[str]) -> tuple[dict, dict]:
+    """The checkpoints of ``python -m metamask_fast.train ARGUMENTS`` in ``tmp_path/one`` and of the same under
+    ``torchrun --standalone --nproc-per-node 2`` in ``tmp_path/two`` (one thread per process)."""
+    one = subprocess.run([sys.executable, "-m", "metamask_fast.train", *arguments, "--output-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "metamask_fast.train", *arguments, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tuple(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("one", "two"))
+
+
+def relative_weight_difference(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖a‖ over the floating-point tensors of two checkpoints' models."""
+    names = [name for name, value in a["model"].items() if value.is_floating_point()]
+    flat_a = torch.cat([a["model"][name].flatten() for name in names])
+    flat_b = torch.cat([b["model"][name].flatten() for name in names])
+    return ((flat_a - flat_b).norm() / flat_a.norm()).item()
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "lars", "adamw"])
 def test_torchrun_two_processes_match_one_process(tmp_path, optimizer):
     """``torchrun --nproc-per-node 2`` (gloo, CPU, SyncBN) trains the same weights as one process on the
@@ -433,21 +457,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path, optimizer):
     tolerance = 5e-3 if optimizer == "adamw" else 1e-4
     if optimizer == "adamw":
         common += ["--lr", "1e-3"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=environment, timeout=600)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=environment, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    a, b = run_on_one_and_two_processes(tmp_path, common)
     assert b["step"] == a["step"] == 1437 // 512
-    names = [name for name, value in a["model"].items() if value.is_floating_point()]
-    flat_a = torch.cat([a["model"][name].flatten() for name in names])
-    flat_b = torch.cat([b["model"][name].flatten() for name in names])
-    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < tolerance
+    assert relative_weight_difference(a, b) < tolerance
     assert torch.equal(a["model"]["backbone.layers.1.num_batches_tracked"], b["model"]["backbone.layers.1.num_batches_tracked"])
     record_a, record_b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
     for key in ("loss", "loss_bt", "loss_cl"):
@@ -481,27 +493,13 @@ def test_torchrun_two_processes_match_one_process_with_views_made_on_the_device(
               "--batch-size", "16", "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "32,32",
               "--cl-dims", "32,16", "--knn-k", "3", "--sync-bn", "--second-order", "none", "--workers", "0",
               "--no-progress"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=environment, timeout=600)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "metamask_fast.train", *common, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=environment, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    a, b = run_on_one_and_two_processes(tmp_path, common)
     assert b["step"] == a["step"] == 40 // 16
-    names = [name for name, value in a["model"].items() if value.is_floating_point()]
-    flat_a = torch.cat([a["model"][name].flatten() for name in names])
-    flat_b = torch.cat([b["model"][name].flatten() for name in names])
-    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < 1e-4
+    assert relative_weight_difference(a, b) < 1e-4
     record_a, record_b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
     assert record_b["loss"] == pytest.approx(record_a["loss"], rel=1e-4)
     # Another seed (other initial weights and views) ends elsewhere: the bound above is not met by any two runs.
     other = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--seed", "1", "--output-dir",
-                            str(tmp_path / "other")], capture_output=True, text=True, env=environment, timeout=600)
+                            str(tmp_path / "other")], capture_output=True, text=True, env=ONE_THREAD, timeout=600)
     assert other.returncode == 0, other.stderr
-    c = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)
-    flat_c = torch.cat([c["model"][name].flatten() for name in names])
-    assert ((flat_a - flat_c).norm() / flat_a.norm()).item() > 1e-3
+    assert relative_weight_difference(a, torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)) > 1e-3

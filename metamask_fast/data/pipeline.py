@@ -174,22 +174,10 @@ class DigitsBatches:
             yield views[0][rows], views[1][rows]
 
 
-class ImageBatches:
-    """An image dataset's training batches through a :class:`torch.utils.data.DataLoader` (worker
-    processes that stay alive between epochs, pinned memory on CUDA, copies that overlap the step)."""
+class _SampledBatches:
+    """Training batches of the samples an :class:`EpochBatchSampler` (``self.sampler``) picks."""
 
-    def __init__(self, name: str, images: ImageSet, size: int, batch_size: int, seed: int, device: torch.device,
-                 workers: int, rank: int = 0, world_size: int = 1, augmentation: str = "simclr"):
-        self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
-        self.device = device
-        self.loader = torch.utils.data.DataLoader(
-            SeededTwoViews(images, view_augmentations(augmentation, name, size), seed),
-            batch_sampler=self.sampler,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-        )
+    sampler: EpochBatchSampler
 
     @property
     def num_samples(self) -> int:
@@ -199,15 +187,38 @@ class ImageBatches:
     def batches_per_epoch(self) -> int:
         return self.sampler.batches_per_epoch
 
+
+def _sampled_loader(dataset, sampler: EpochBatchSampler, workers: int, device: torch.device):
+    """A :class:`torch.utils.data.DataLoader` of ``dataset`` over ``sampler``'s batches: worker processes that
+    stay alive between epochs, pinned memory on CUDA, copies that overlap the step."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None)
+
+
+def _processes(workers: int) -> str:
+    return f"{workers} loader process{'es' if workers != 1 else ''}" if workers else "the main process"
+
+
+class ImageBatches(_SampledBatches):
+    """An image dataset's training batches, both views made by PIL one image at a time in the loader
+    (:func:`_sampled_loader`)."""
+
+    def __init__(self, name: str, images: ImageSet, size: int, batch_size: int, seed: int, device: torch.device,
+                 workers: int, rank: int = 0, world_size: int = 1, augmentation: str = "simclr"):
+        self.sampler = EpochBatchSampler(len(images), batch_size, seed, rank, world_size)
+        self.device = device
+        self.loader = _sampled_loader(SeededTwoViews(images, view_augmentations(augmentation, name, size), seed),
+                                      self.sampler, workers, device)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
         for x0, x1 in self.loader:
             yield x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
-        workers = self.loader.num_workers
-        where = f"{workers} loader process{'es' if workers != 1 else ''}" if workers else "the main process"
-        return f"{self.sampler.num_samples:,} training images, both views made by PIL in {where}"
+        return (f"{self.sampler.num_samples:,} training images, both views made by PIL in "
+                f"{_processes(self.loader.num_workers)}")
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -228,7 +239,7 @@ class DecodedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1), mix(self.seed, epoch, index)
 
 
-class DeviceBatches:
+class DeviceBatches(_SampledBatches):
     """An image dataset's training batches, both views made on the training device a whole batch at a time by
     :class:`~metamask_fast.data.batch_augment.BatchTwoViews`, sample ``index`` of epoch ``e`` under the key
     ``mix(seed, e, index)`` (the per-sample seed of the PIL path). So a sample's views depend on its image and key
@@ -257,18 +268,7 @@ class DeviceBatches:
                                      f"{device}'s free {free / 1e6:,.0f} MB: they stay in host memory, each batch is "
                                      "copied over")
         else:
-            self.loader = torch.utils.data.DataLoader(
-                DecodedImages(images, size, seed), batch_sampler=self.sampler, num_workers=workers,
-                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=4 if workers > 0 else None)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.num_samples
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
+            self.loader = _sampled_loader(DecodedImages(images, size, seed), self.sampler, workers, device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
@@ -284,10 +284,8 @@ class DeviceBatches:
 
     def describe(self) -> str:
         if self.loader is not None:
-            workers = self.loader.num_workers
-            where = f"{workers} loader process{'es' if workers != 1 else ''}" if workers else "the main process"
-            return (f"{self.name} train, {self.num_samples:,} images decoded in {where}, both views made on "
-                    f"{self.device} a batch at a time")
+            return (f"{self.name} train, {self.num_samples:,} images decoded in {_processes(self.loader.num_workers)}, "
+                    f"both views made on {self.device} a batch at a time")
         place = f"host memory ({self.fallback})" if self.fallback else str(self.device)
         return (f"{self.name} train, {self.num_samples:,} images, {_megabytes(self.images)} on {place}, both views "
                 "made there a batch at a time")
