@@ -35,7 +35,7 @@ SECOND_ORDER_MODES = ("finite_difference", "exact", "none")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 AUGMENTATIONS = ("simclr", "asymmetric")
-AUGMENT_PLACES = ("device", "workers")
+AUGMENT_PLACES = ("device", "workers", "batch")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -250,10 +250,10 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
                      "for both views) or asymmetric (solo-learn's Barlow Twins pair: saturation 0.2, solarization "
                      "p=0.2 on the second view)"),
     "augment_on": (_choice(AUGMENT_PLACES, optional=True), "where the two views are made: device (whole uint8 "
-                   "batches on the training device, per-sample random keys; CIFAR and STL-10 are kept there, "
-                   "image folders decoded by the loader processes) or workers (PIL, one image at a time in the "
-                   "loader processes); auto: device (bench/RESULTS.md). The digits are always augmented on the "
-                   "device"),
+                   "batches on the training device, per-sample random keys; CIFAR, STL-10 and the digits are kept "
+                   "there, image folders decoded by the loader processes), workers (PIL, one image at a time in "
+                   "the loader processes; not for the digits) or batch (the digits only: one random stream per "
+                   "batch, as runs made before this setting); auto: device (bench/RESULTS.md)"),
     "workers": (_number(int, minimum=0, optional=True),
                 "data-loading processes (image datasets); auto: min(8, CPU cores)"),
     "backbone": (_choice(BACKBONES, optional=True), "auto: digits_convnet for digits, resnet18 otherwise"),
@@ -407,6 +407,9 @@ def check(config: TrainConfig, where: Callable[[str], str]) -> None:
     if config.dataset == "digits" and config.augment_on == "workers":
         raise ConfigError(f"{where('augment_on')}: the digits are augmented on the device (whole batches); "
                           "workers is for CIFAR, STL-10 and image folders")
+    if config.dataset != "digits" and config.augment_on == "batch":
+        raise ConfigError(f"{where('augment_on')}: batch is the digits' earlier recipe; use device or workers for "
+                          f"{config.dataset}")
     if config.dataset == "digits" and config.augmentation != "simclr":
         raise ConfigError(f"{where('augmentation')}: the digits have their own recipe; {config.augmentation} "
                           "is for CIFAR, STL-10 and image folders")
@@ -429,8 +432,8 @@ LATER_FIELDS = {"augmentation": "simclr", "optimizer": "sgd", "lr_biases": None,
 
 
 def _augment_on_before(dataset: str) -> str:
-    """Where runs made before ``augment_on`` existed augmented: the digits on the device, the rest in workers."""
-    return "device" if dataset == "digits" else "workers"
+    """How runs made before ``augment_on`` existed augmented: the digits a batch at a time, the rest in workers."""
+    return "batch" if dataset == "digits" else "workers"
 
 
 def identity(config: TrainConfig) -> dict[str, Any]:

@@ -102,11 +102,11 @@ def test_settings_added_later_keep_the_identity_of_existing_runs():
     hash (the default run folder's name) and the identity a checkpoint is checked against are as before, so
     existing run folders still resume. The hashes are those of 100c041, before these settings; "a9185c44" is
     the default digits run of then, which the digits-sgd preset spells out."""
-    old_default = cfg.resolve(cfg.TrainConfig(optimizer="sgd", batch_size=128, knn_k=200))
+    old_default = cfg.resolve(cfg.TrainConfig(optimizer="sgd", batch_size=128, knn_k=200, augment_on="batch"))
     assert cfg.describe(old_default) == "a9185c44"
     preset, _, _ = parse_config(["--config", "digits-sgd"])
     assert cfg.describe(cfg.resolve(preset)) == "a9185c44"
-    authors = cfg.TrainConfig(dataset="cifar10", epochs=800, batch_size=512, lr=1e-3, mask_lr=1e-3)
+    authors = cfg.TrainConfig(dataset="cifar10", epochs=800, batch_size=512, lr=1e-3, mask_lr=1e-3, augment_on="workers")
     assert cfg.describe(cfg.resolve(authors)) == "f0446ecc"
     assert not set(cfg.LATER_FIELDS) & set(cfg.identity(old_default))
     assert cfg.identity(cfg.resolve(cfg.TrainConfig(optimizer="lars")))["optimizer"] == "lars"

@@ -22,7 +22,7 @@ from PIL import Image
 from metamask_fast import config as cfg
 from metamask_fast import evaluate, models, reporting, runfolder
 from metamask_fast import train as train_module
-from metamask_fast.data import BatchTwoViews, load_images, pipeline, simclr_augmentation
+from metamask_fast.data import BatchTwoViews, load_digits_split, load_images, pipeline, simclr_augmentation
 from metamask_fast.data import augment as augment_module
 from metamask_fast.train import main, parse_config
 
@@ -82,12 +82,12 @@ def test_exclude_bias_norm_names_the_default_optimizer_it_conflicts_with(tmp_pat
 
 def test_a_run_folder_written_before_a_setting_existed_reads_as_it_ran():
     """An old ``config.yaml`` has no ``optimizer`` key: its run used SGD, which the default no longer is."""
-    old = cfg.resolve(cfg.TrainConfig(optimizer="sgd", batch_size=128, knn_k=200))
+    old = cfg.resolve(cfg.TrainConfig(optimizer="sgd", batch_size=128, knn_k=200, augment_on="batch"))
     values = yaml.safe_load(cfg.to_yaml(old))
-    for key in ("optimizer", "betas", "warmup_epochs"):
+    for key in ("optimizer", "betas", "warmup_epochs", "augment_on"):
         del values[key]
     read = cfg.resolve(cfg.written_config(values))
-    assert read.optimizer == "sgd" and read.betas == (0.9, 0.999) and read == old
+    assert read.optimizer == "sgd" and read.betas == (0.9, 0.999) and read.augment_on == "batch" and read == old
     assert cfg.identity(read) == cfg.identity(old)
 
 
@@ -391,17 +391,42 @@ def test_device_batches_are_the_views_of_their_samples_keys_on_any_number_of_pro
 def test_augment_on_defaults_to_the_device_and_old_runs_keep_their_identity(tmp_path, capsys):
     config, _, _ = parse_config(["--dataset", "cifar10"])
     assert cfg.resolve(config).augment_on == "device"
-    # Runs before the setting: CIFAR and the rest augmented in workers, the digits on the device.
+    # Runs before the setting: CIFAR and the rest augmented in workers, the digits a batch at a time.
     workers = cfg.resolve(cfg.TrainConfig(dataset="cifar10", augment_on="workers", epochs=800, batch_size=512,
                                           lr=1e-3, mask_lr=1e-3))
     assert cfg.describe(workers) == "f0446ecc" and "augment_on" not in cfg.identity(workers)
-    assert "augment_on" not in cfg.identity(cfg.resolve(cfg.TrainConfig()))
+    assert "augment_on" not in cfg.identity(cfg.resolve(cfg.TrainConfig(augment_on="batch")))
+    assert cfg.identity(cfg.resolve(cfg.TrainConfig()))["augment_on"] == "device"
     assert cfg.identity(cfg.resolve(config))["augment_on"] == "device"
     assert cfg.resolve(cfg.written_config({"dataset": "stl10"})).augment_on == "workers"
-    code = main(["--augment-on", "workers", "--output-dir", str(tmp_path / "run")])
-    one_line_error(capsys, code, "argument --augment-on: the digits are augmented on the device")
-    code = main(["--augment-on", "gpu", "--output-dir", str(tmp_path / "run")])
-    one_line_error(capsys, code, "argument --augment-on: must be one of device, workers or auto, got 'gpu'")
+    assert cfg.resolve(cfg.written_config({"dataset": "digits"})).augment_on == "batch"
+    for argv, message in ((["--augment-on", "workers"], "argument --augment-on: the digits are augmented on the device"),
+                          (["--dataset", "cifar10", "--augment-on", "batch"],
+                           "argument --augment-on: batch is the digits' earlier recipe"),
+                          (["--augment-on", "gpu"],
+                           "argument --augment-on: must be one of device, workers, batch or auto, got 'gpu'")):
+        one_line_error(capsys, main([*argv, "--output-dir", str(tmp_path / "run")]), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_digits_batches_per_sample_are_the_views_of_their_keys_on_any_number_of_processes():
+    """``--augment-on device`` on the digits: BatchTwoViews' digits recipe on the uint8 images under the keys
+    mix(seed, epoch, index), each rank making its own slice; ``batch`` keeps one random stream per batch."""
+    split = load_digits_split()
+    make = lambda rank=0, world=1, **kw: pipeline.DigitsBatches(  # noqa: E731
+        split, 256, seed=4, device=torch.device("cpu"), rank=rank, world_size=world, **kw)
+    whole = list(make().epoch(3, start=2))
+    halves = [list(make(rank, 2).epoch(3, start=2)) for rank in range(2)]
+    assert len(whole) == 1437 // 256 - 2
+    for (x0, x1), first, second in zip(whole, *halves):
+        assert torch.equal(torch.cat([first[0], second[0]]), x0) and torch.equal(torch.cat([first[1], second[1]]), x1)
+    order = pipeline.epoch_order(1437, 4, 3)[512:768]
+    keys = torch.tensor([pipeline.mix(4, 3, int(i)) for i in order])
+    uint8 = (split.train_images[order] * 255).round().to(torch.uint8)
+    expected = BatchTwoViews("digits", 16, (0.0,), (1.0,))(uint8, keys)
+    assert torch.equal(whole[0][0], expected[0]) and torch.equal(whole[0][1], expected[1])
+    legacy = list(make(per_sample=False).epoch(3, start=2))
+    assert legacy[0][0].shape == whole[0][0].shape and not torch.equal(legacy[0][0], whole[0][0])
 
 
 def test_ranks_take_their_slice_of_the_same_global_batch():

@@ -345,19 +345,11 @@ def _digits_view(images: torch.Tensor, params: dict, size: int, noise_uniforms: 
     grid = (2 * torch.arange(size, device=device, dtype=torch.float32) + 1) / size - 1
     gy, gx = grid.view(1, size, 1), grid.view(1, 1, size)
     t = [theta[:, i].view(b, 1, 1) for i in range(6)]
-    sx = ((t[0] * gx + t[1] * gy + t[2]) + 1) * w / 2 - 0.5
-    sy = ((t[3] * gx + t[4] * gy + t[5]) + 1) * h / 2 - 0.5
-    x0, y0 = sx.floor(), sy.floor()
-    fx, fy = sx - x0, sy - y0
-    flat = images.reshape(b, c, h * w)
-    warped = torch.zeros(b, c, size, size, device=device, dtype=torch.float32)
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            yy, xx = (y0 + dy).to(torch.int64), (x0 + dx).to(torch.int64)
-            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).view(b, 1, -1).expand(b, c, size * size)
-            value = torch.gather(flat, 2, index).view(b, c, size, size).to(torch.float32)
-            warped = warped + torch.where(inside[:, None], value, 0) * (wy * wx)[:, None]
+    # The affine map of each output position, elementwise (affine_grid's batched matrix product could round
+    # differently with the batch size), then one grid_sample with zeros outside the image.
+    source = torch.stack([t[0] * gx + t[1] * gy + t[2], t[3] * gx + t[4] * gy + t[5]], dim=-1)
+    warped = F.grid_sample(images.to(torch.float32), source, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
     if images.dtype == torch.uint8:
         warped = warped / 255
     per_image = (b, 1, 1, 1)

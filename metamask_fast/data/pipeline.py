@@ -138,16 +138,26 @@ class LabeledImages(torch.utils.data.Dataset):
 
 
 class DigitsBatches:
-    """The digits' training batches, augmented on the device a whole batch at a time."""
+    """The digits' training batches, both views made on the device a whole batch at a time.
+
+    With ``per_sample`` (``--augment-on device``, the default): :class:`BatchTwoViews`'s digits recipe on a uint8
+    copy of the images, sample ``index`` of epoch ``e`` under the key ``mix(seed, e, index)``, each rank making
+    the views of its own slice. Without (``--augment-on batch``, how runs made before that setting augmented):
+    :class:`DigitAugmentation` on the float images under one generator per global batch, seeded
+    ``mix(seed, e, batch)``, each rank making the whole global batch's views and keeping its rows."""
 
     def __init__(self, split: DigitsSplit, batch_size: int, seed: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, *, per_sample: bool = True):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world_size}")
-        self.images = split.train_images.to(device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
-        self.rank, self.world_size = rank, world_size
-        self.augment = DigitAugmentation()
+        self.rank, self.world_size, self.per_sample = rank, world_size, per_sample
+        if per_sample:
+            self.images = (split.train_images * 255).round_().to(device, torch.uint8)
+            self.augment = BatchTwoViews("digits", split.train_images.shape[-1], (0.0,), (1.0,))
+        else:
+            self.images = split.train_images.to(device)
+            self.augment = DigitAugmentation()
 
     @property
     def num_samples(self) -> int:
@@ -159,9 +169,12 @@ class DigitsBatches:
 
     def describe(self) -> str:
         return (f"digits train, {self.num_samples:,} images, {_megabytes(self.images)} on {self.device}, both views "
-                "made there a batch at a time")
+                f"made there a batch at a time{'' if self.per_sample else ' (one random stream per batch)'}")
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.per_sample:
+            yield from self._per_sample_epoch(epoch, start)
+            return
         order = epoch_order(self.num_samples, self.seed, epoch).to(self.device)
         local = self.batch_size // self.world_size
         for batch in range(start, self.batches_per_epoch):
@@ -172,6 +185,15 @@ class DigitsBatches:
             views = self.augment(images, generator), self.augment(images, generator)
             rows = slice(self.rank * local, (self.rank + 1) * local)
             yield views[0][rows], views[1][rows]
+
+    def _per_sample_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(self.num_samples, self.seed, epoch)
+        local = self.batch_size // self.world_size
+        for batch in range(start, self.batches_per_epoch):
+            first = batch * self.batch_size + self.rank * local
+            index = order[first:first + local]
+            keys = torch.tensor([mix(self.seed, epoch, i) for i in index.tolist()], dtype=torch.int64)
+            yield self.augment(self.images[index.to(self.device)], keys)
 
 
 class _SampledBatches:
@@ -369,7 +391,8 @@ def load_data(config: TrainConfig, device: torch.device, ctx: mmdist.DistContext
         raise ConfigError(f"{cfg.where(origin, 'knn_k')}: must be at most the {memory_size} labelled training "
                           f"images, got {config.knn_k}")
     if data.digits is not None:
-        data.batches = DigitsBatches(data.digits, config.batch_size, config.seed, device, ctx.rank, ctx.world_size)
+        data.batches = DigitsBatches(data.digits, config.batch_size, config.seed, device, ctx.rank, ctx.world_size,
+                                     per_sample=config.augment_on == "device")
     else:
         batches = DeviceBatches if config.augment_on == "device" else ImageBatches
         data.batches = batches(config.dataset, images, config.image_size, config.batch_size, config.seed, device,
