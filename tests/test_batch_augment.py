@@ -307,3 +307,21 @@ def test_bad_images_and_keys_are_refused_by_name():
             augment(bad_images, bad_keys)
     with pytest.raises(ValueError, match="view"):
         augment.parameters(keys, 2, 32, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cifar_on_cuda_is_kept_there_or_in_host_memory_when_it_does_not_fit(monkeypatch):
+    from metamask_fast.data import ImageSet
+    from metamask_fast.data.pipeline import DeviceBatches
+
+    pixels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    images = ImageSet(pixels, None, None)
+    device = torch.device("cuda")
+    kept = DeviceBatches("cifar10", images, 32, 16, seed=0, device=device, workers=0)
+    assert kept.images.is_cuda and kept.fallback is None and "on cuda" in kept.describe()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (pixels.numel(), 10**12))
+    host = DeviceBatches("cifar10", images, 32, 16, seed=0, device=device, workers=0)
+    assert not host.images.is_cuda and host.images.is_pinned()
+    assert "would take more than half" in host.describe() and "host memory" in host.describe()
+    for (a0, a1), (b0, b1) in zip(kept.epoch(0), host.epoch(0)):
+        assert a0.is_cuda and b0.is_cuda and torch.equal(a0, b0) and torch.equal(a1, b1)

@@ -273,22 +273,28 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_state(tmp_path, mon
         assert_bitwise_equal(stopped[key]["state"], reference[key]["state"])
 
 
-# 2 epochs of 5 steps on a CIFAR-format folder of 40 images, both views made on the device (BatchTwoViews).
-CIFAR_DEVICE_ARGS = ["--dataset", "cifar10", "--augment-on", "device", "--epochs", "2", "--batch-size", "8",
-                     "--backbone", "resnet18", "--image-size", "16", "--bt-dims", "32,32", "--cl-dims", "32,16",
-                     "--knn-k", "3", "--checkpoint-every", "1", "--knn-every", "1", "--meta-interval", "2",
-                     "--workers", "0", "--no-progress"]
+# 2 epochs of 5 steps on a CIFAR-format folder of 40 images.
+CIFAR_ARGS = ["--dataset", "cifar10", "--epochs", "2", "--batch-size", "8", "--backbone", "resnet18", "--image-size",
+              "16", "--bt-dims", "32,32", "--cl-dims", "32,16", "--knn-k", "3", "--checkpoint-every", "1",
+              "--knn-every", "1", "--meta-interval", "2", "--no-progress"]
 
 
-def test_sigkill_then_rerun_is_bitwise_with_views_made_on_the_device(tmp_path):
+@pytest.mark.parametrize("place, line", [
+    ("device", "data: cifar10 train, 40 images, 0.1 MB on cpu, both views made there a batch at a time"),
+    ("workers", "data: 40 training images, both views made by PIL in 2 loader processes"),
+], ids=["device", "workers"])
+def test_sigkill_then_rerun_is_bitwise_on_a_cifar_folder(tmp_path, place, line):
+    """Both places the views are made: on the device (BatchTwoViews under per-sample keys) and by PIL in two
+    loader processes (seeded per sample)."""
     from test_train_runs import write_cifar
 
     write_cifar(tmp_path / "data", "cifar10", 40, 10, np.random.default_rng(7))
-    argv = [sys.executable, "-m", "metamask_fast.train", *CIFAR_DEVICE_ARGS, "--data-dir", str(tmp_path / "data")]
+    argv = [sys.executable, "-m", "metamask_fast.train", *CIFAR_ARGS, "--augment-on", place, "--workers",
+            "0" if place == "device" else "2", "--data-dir", str(tmp_path / "data")]
     whole = subprocess.run([*argv, "--output-dir", str(tmp_path / "whole")], capture_output=True, text=True,
                            timeout=600)
     assert whole.returncode == 0, whole.stderr
-    assert "data: cifar10 train, 40 images, 0.1 MB on cpu, both views made there" in whole.stdout
+    assert line in whole.stdout
     folder = tmp_path / "killed"
     kill_at_random_moments_until_done([*argv, "--output-dir", str(folder)], folder)
     assert_bitwise_equal(final_state(folder), final_state(tmp_path / "whole"))
