@@ -279,24 +279,37 @@ CIFAR_ARGS = ["--dataset", "cifar10", "--epochs", "2", "--batch-size", "8", "--b
               "--knn-every", "1", "--meta-interval", "2", "--no-progress"]
 
 
-@pytest.mark.parametrize("place, line", [
-    ("device", "data: cifar10 train, 40 images, 0.1 MB on cpu, both views made there a batch at a time"),
-    ("workers", "data: 40 training images, both views made by PIL in 2 loader processes"),
-], ids=["device", "workers"])
-def test_sigkill_then_rerun_is_bitwise_on_a_cifar_folder(tmp_path, place, line):
-    """Both places the views are made: on the device (BatchTwoViews under per-sample keys) and by PIL in two
-    loader processes (seeded per sample)."""
+def test_sigkill_then_rerun_is_bitwise_on_a_cifar_folder_with_views_made_on_the_device(tmp_path):
     from test_train_runs import write_cifar
 
     write_cifar(tmp_path / "data", "cifar10", 40, 10, np.random.default_rng(7))
-    argv = [sys.executable, "-m", "metamask_fast.train", *CIFAR_ARGS, "--augment-on", place, "--workers",
-            "0" if place == "device" else "2", "--data-dir", str(tmp_path / "data")]
+    argv = [sys.executable, "-m", "metamask_fast.train", *CIFAR_ARGS, "--augment-on", "device", "--workers", "0",
+            "--data-dir", str(tmp_path / "data")]
     whole = subprocess.run([*argv, "--output-dir", str(tmp_path / "whole")], capture_output=True, text=True,
                            timeout=600)
     assert whole.returncode == 0, whole.stderr
-    assert line in whole.stdout
+    assert "data: cifar10 train, 40 images, 0.1 MB on cpu, both views made there a batch at a time" in whole.stdout
     folder = tmp_path / "killed"
     kill_at_random_moments_until_done([*argv, "--output-dir", str(folder)], folder)
     assert_bitwise_equal(final_state(folder), final_state(tmp_path / "whole"))
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_an_interrupted_cifar_run_with_views_made_by_pil_workers_resumes_bitwise(tmp_path, monkeypatch, capsys):
+    """The PIL path (two loader processes, seeded per sample): stopped by a signal in the middle of epoch 1,
+    then the same command, gives the uninterrupted run's final state bitwise."""
+    from test_train_runs import write_cifar
+
+    write_cifar(tmp_path / "data", "cifar10", 40, 10, np.random.default_rng(7))
+    common = [*CIFAR_ARGS, "--augment-on", "workers", "--workers", "2", "--data-dir", str(tmp_path / "data")]
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+    assert "data: 40 training images, both views made by PIL in 2 loader processes" in capsys.readouterr().out
+    argv = [*common, "--output-dir", str(tmp_path / "stopped")]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        assert main(argv) == 128 + signal.SIGTERM
+    assert main(argv) == 0 and "resuming from" in capsys.readouterr().out
+    assert_bitwise_equal(final_state(tmp_path / "stopped"), final_state(tmp_path / "whole"))
+    records = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

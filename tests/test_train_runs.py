@@ -523,8 +523,3 @@ def test_torchrun_two_processes_match_one_process_with_views_made_on_the_device(
     assert relative_weight_difference(a, b) < 1e-4
     record_a, record_b = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
     assert record_b["loss"] == pytest.approx(record_a["loss"], rel=1e-4)
-    # Another seed (other initial weights and views) ends elsewhere: the bound above is not met by any two runs.
-    other = subprocess.run([sys.executable, "-m", "metamask_fast.train", *common, "--seed", "1", "--output-dir",
-                            str(tmp_path / "other")], capture_output=True, text=True, env=ONE_THREAD, timeout=600)
-    assert other.returncode == 0, other.stderr
-    assert relative_weight_difference(a, torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=True)) > 1e-3
