@@ -44,6 +44,11 @@ def mix(*values: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def sample_keys(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """The int64 random keys ``mix(seed, epoch, i)`` of the samples ``index`` (BatchTwoViews' per-sample keys)."""
+    return torch.tensor([mix(seed, epoch, i) for i in index.tolist()], dtype=torch.int64)
+
+
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(mix(seed, epoch))
     return torch.randperm(num_samples, generator=generator)
@@ -192,7 +197,7 @@ class DigitsBatches:
         for batch in range(start, self.batches_per_epoch):
             first = batch * self.batch_size + self.rank * local
             index = order[first:first + local]
-            keys = torch.tensor([mix(self.seed, epoch, i) for i in index.tolist()], dtype=torch.int64)
+            keys = sample_keys(self.seed, epoch, index)
             yield self.augment(self.images[index.to(self.device)], keys)
 
 
@@ -300,7 +305,7 @@ class DeviceBatches(_SampledBatches):
             return
         for batch in self.sampler:
             index = torch.tensor([i for _, i in batch])
-            keys = torch.tensor([mix(self.seed, epoch, i) for i in index.tolist()], dtype=torch.int64)
+            keys = sample_keys(self.seed, epoch, index)
             images = self.images[index.to(self.images.device)]
             yield self.augment(images.to(self.device, non_blocking=True), keys)
 
