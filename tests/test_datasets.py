@@ -74,6 +74,87 @@ def test_cifar_missing_and_malformed_files_name_themselves(tmp_path):
         load_images("cifar10", tmp_path)
 
 
+def python2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A CIFAR batch as the published files hold it: Python 2's cPickle at protocol 2, strings as byte strings
+    (SHORT_BINSTRING), the array through numpy 1's ``numpy.core.multiarray._reconstruct`` and its state (written
+    opcode by opcode: Python 3 cannot write byte strings this way)."""
+    assert data.dtype == np.uint8 and data.ndim == 2 and all(0 <= label < 256 for label in labels)
+
+    def string(value: bytes) -> bytes:
+        return b"U" + bytes([len(value)]) + value if len(value) < 256 else b"T" + len(value).to_bytes(4, "little") + value
+
+    def small_int(value: int) -> bytes:
+        return b"K" + bytes([value]) if value < 256 else b"M" + value.to_bytes(2, "little")
+
+    minus_one = b"J" + (-1).to_bytes(4, "little", signed=True)
+    dtype = (b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R"
+             + b"(K\x03" + string(b"|") + b"NNN" + minus_one + minus_one + b"K\x00tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"
+             + b"(K\x01" + small_int(data.shape[0]) + small_int(data.shape[1]) + b"\x86" + dtype + b"\x89"
+             + string(data.tobytes()) + b"tb")
+    listed = b"](" + b"".join(small_int(label) for label in labels) + b"e"
+    return (b"\x80\x02}(" + string(b"batch_label") + string(b"training batch 1 of 5") + string(b"data") + array
+            + string(b"labels") + listed + b"u.")
+
+
+def test_the_published_files_python2_pickles_still_load(tmp_path):
+    """The restricted unpickler reads the format as published (Python 2, numpy 1) and as Python 3 writes it at
+    every protocol (0-2 encode bytes through _codecs.encode, 5 rebuilds arrays with _frombuffer)."""
+    folder = write_cifar(tmp_path, "cifar10")
+    images = coded_images(3, 32, 0).reshape(3, -1)
+    (folder / "data_batch_1").write_bytes(python2_cifar_pickle(images, [0, 1, 2]))
+    for protocol, file_name in zip((0, 2, 4, 5), ("data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")):
+        offset = int(file_name[-1]) * 3 - 3
+        entry = {b"data": coded_images(3, 32, offset).reshape(3, -1), b"labels": [(offset + i) % 10 for i in range(3)]}
+        (folder / file_name).write_bytes(pickle.dumps(entry, protocol=protocol))
+    train = load_images("cifar10", tmp_path, "train")
+    assert train.images[:, 0, 0, 0].tolist() == list(range(15))
+    assert torch.equal(train.images[:3], torch.from_numpy(images.reshape(3, 3, 32, 32)))
+    assert train.labels.tolist() == [i % 10 for i in range(15)]
+
+
+class RunsCode:
+    """An object whose unpickling calls ``os.system(command)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("file_name", ["data_batch_2", "batches.meta"])
+def test_a_cifar_file_that_would_run_code_is_refused_unrun(tmp_path, file_name):
+    folder = write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "ran"
+    entry = {b"data": coded_images(3, 32, 0).reshape(3, -1), b"labels": RunsCode(f"touch {marker}")}
+    if file_name == "batches.meta":
+        entry = {b"label_names": [RunsCode(f"touch {marker}")]}
+    (folder / file_name).write_bytes(pickle.dumps(entry))
+    assert not marker.exists()
+    with pytest.raises(DatasetError, match=rf"cifar10: .*/{file_name} refers to (posix|os)\.system, which a CIFAR "
+                                           r"file never holds; it was not loaded \(loading it could run code\)"):
+        load_images("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (np.zeros((3, 3072), dtype=np.float64), r"an array of float64"),
+    (np.zeros((3, 3072), dtype=object), r"an array of object"),
+    (np.zeros((3, 3072), dtype=np.uint8).view(np.recarray), r"numpy\.rec\.recarray"),
+    (torch.zeros(3), r"torch\._utils\._rebuild_tensor_v2|torch\.storage\._load_from_bytes|collections\.OrderedDict"),
+    (eval, r"(__builtin__|builtins)\.eval"),  # Python 3 names it as Python 2 would at protocol 2
+])
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_anything_but_uint8_arrays_and_the_formats_own_types_is_refused(tmp_path, payload, refused, protocol):
+    folder = write_cifar(tmp_path, "cifar10")
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": payload, b"labels": [0, 1, 2]}, protocol=protocol))
+    with pytest.raises(DatasetError, match=rf"data_batch_1 refers to {refused}"):
+        load_images("cifar10", tmp_path)
+
+
 def write_stl10(root):
     folder = root / "stl10_binary"
     folder.mkdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -313,3 +314,22 @@ def test_an_interrupted_cifar_run_with_views_made_by_pil_workers_resumes_bitwise
     assert_bitwise_equal(final_state(tmp_path / "stopped"), final_state(tmp_path / "whole"))
     records = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_a_cifar_file_that_would_run_code_stops_the_command_before_it_runs(tmp_path):
+    """A crafted ``data_batch_1`` (its unpickling would call ``os.system``) in the data folder: the real command
+    exits 2 with one line naming the file, and the code never runs."""
+    from test_datasets import RunsCode
+    from test_train_runs import write_cifar
+
+    write_cifar(tmp_path / "data", "cifar10", 40, 10, np.random.default_rng(7))
+    marker = tmp_path / "ran"
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": RunsCode(f"touch {marker}"), b"labels": [0] * 8}))
+    result = subprocess.run([sys.executable, "-m", "metamask_fast.train", *CIFAR_ARGS, "--data-dir", str(tmp_path / "data"),
+                             "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("metamask_fast.train: error: argument --data-dir: cifar10: "), lines
+    assert f"{batch} refers to posix.system, which a CIFAR file never holds; it was not loaded" in lines[0]
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -13,10 +13,16 @@ The pickles and binaries are read here rather than through torchvision's dataset
 file whose MD5 differs from the published archive's (a subset, a re-packed copy). ``download=True`` asks
 torchvision to fetch the published archive into ``data_dir`` first. A missing or malformed dataset raises
 :class:`DatasetError`, whose message says which file is wrong and where the files belong.
+
+A pickle can run any code while it loads, so the CIFAR files are read by :class:`CifarUnpickler`, which admits
+only what the format holds: dicts, lists, strings, bytes and numbers (the pickle format's own types) and numpy's
+uint8 arrays, through the functions numpy itself pickles them with. A file that refers to anything else (a crafted
+``data_batch_1`` in a shared data folder) is refused before any of it runs.
 """
 
 from __future__ import annotations
 
+import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 import torchvision
 
-__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "pil_image"]
+__all__ = ["DATASETS", "DatasetError", "ImageSet", "load_images", "pil_image", "CifarUnpickler", "RefusedPickle"]
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 
@@ -91,6 +97,81 @@ def _split_check(split: str, splits) -> None:
         raise ValueError(f"split must be one of {tuple(splits)}, got {split!r}")
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle that refers to something a CIFAR file never holds; ``str()`` names it."""
+
+
+def _uint8_only(dtype) -> None:
+    if np.dtype(dtype) != np.uint8:
+        raise RefusedPickle(f"an array of {np.dtype(dtype)} (CIFAR images are uint8)")
+
+
+def _reconstruct(subtype, shape, code):
+    """``numpy.core.multiarray._reconstruct`` (how numpy pickles an array up to protocol 4), for plain arrays."""
+    if subtype is not np.ndarray:
+        raise RefusedPickle(f"an array of type {getattr(subtype, '__name__', subtype)!r}")
+    return _NUMPY_RECONSTRUCT(subtype, shape, code)
+
+
+def _dtype(spec, align=False, copy=False):
+    """``numpy.dtype`` for uint8 alone (the array's state then carries no objects)."""
+    if not isinstance(spec, (str, bytes)):
+        raise RefusedPickle(f"a numpy dtype built from {type(spec).__name__}")
+    _uint8_only(spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec)
+    return np.dtype(spec, align, copy)
+
+
+def _frombuffer(buffer, dtype, shape, order, *rest):
+    """``numpy.core.numeric._frombuffer`` (how numpy pickles an array at protocol 5), for uint8 alone."""
+    _uint8_only(dtype)
+    return _NUMPY_FROMBUFFER(buffer, dtype, shape, order, *rest)
+
+
+def _latin1(text, encoding):
+    """``_codecs.encode`` as Python 3 pickles bytes at protocols 0-2: a latin-1 string back to bytes."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise RefusedPickle(f"_codecs.encode with {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+_NUMPY_RECONSTRUCT = _NUMPY_CORE.multiarray._reconstruct
+_NUMPY_FROMBUFFER = _NUMPY_CORE.numeric._frombuffer
+# The globals a CIFAR pickle may name, as numpy 1 and numpy 2 write them.
+_CIFAR_GLOBALS = {
+    **{(f"{core}.multiarray", "_reconstruct"): _reconstruct for core in ("numpy.core", "numpy._core")},
+    **{(f"{core}.numeric", "_frombuffer"): _frombuffer for core in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10/100's files that can run no code: the pickle format's own types and numpy's
+    uint8 arrays (through checked stand-ins for numpy's reconstructors); any other global raises
+    :class:`RefusedPickle` naming it, before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise RefusedPickle(f"{module}.{name}")
+        return allowed
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("a persistent id")
+
+
+def _load_cifar_pickle(path: Path, name: str):
+    """The object in CIFAR file ``path`` (:class:`CifarUnpickler`); a refused one is a :class:`DatasetError`."""
+    try:
+        with open(path, "rb") as f:
+            return CifarUnpickler(f, encoding="bytes").load()
+    except RefusedPickle as refused:
+        raise DatasetError(f"{name}: {path} refers to {refused}, which a CIFAR file never holds; it was not loaded "
+                           "(loading it could run code): replace it with the file from the published archive") from None
+
+
 def _cifar(folder: Path, split: str, name: str, files: dict[str, list[str]], label_key: bytes) -> ImageSet:
     _split_check(split, files)
     images, labels = [], []
@@ -99,14 +180,15 @@ def _cifar(folder: Path, split: str, name: str, files: dict[str, list[str]], lab
         if not path.is_file():
             raise _missing(name, path, f"{folder.name}/{' '.join(files[split])}")
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="bytes")
+            entry = _load_cifar_pickle(path, name)
             data = np.asarray(entry[b"data"], dtype=np.uint8)
             batch_labels = np.asarray(entry[label_key], dtype=np.int64)
             data = data.reshape(len(batch_labels), 3, 32, 32)
             classes = 10 if name == "cifar10" else 100
             if batch_labels.ndim != 1 or not ((batch_labels >= 0) & (batch_labels < classes)).all():
                 raise ValueError(f"labels must be {len(batch_labels)} class indices in 0..{classes - 1}")
+        except DatasetError:
+            raise
         except Exception as error:  # noqa: BLE001  (truncated, not a pickle, wrong keys or sizes)
             raise DatasetError(f"{name}: {path} is not a readable CIFAR batch ({type(error).__name__}: {error}); "
                                f"replace it with the file from the published archive") from error
@@ -119,8 +201,9 @@ def _cifar(folder: Path, split: str, name: str, files: dict[str, list[str]], lab
 def _cifar_classes(folder: Path, name: str) -> list[str] | None:
     meta, key = (folder / "batches.meta", b"label_names") if name == "cifar10" else (folder / "meta", b"fine_label_names")
     try:
-        with open(meta, "rb") as f:
-            return [c.decode() for c in pickle.load(f, encoding="bytes")[key]]
+        return [c.decode() for c in _load_cifar_pickle(meta, name)[key]]
+    except DatasetError:  # a refused file is an error, as for the images
+        raise
     except Exception:  # noqa: BLE001  (the names are a convenience; the images do not need them)
         return None
 
