@@ -108,11 +108,12 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True
     max_bad_steps: int = 10
+    requeue: bool | None = None  # auto: when SLURM_JOB_ID is set
 
 
 # Settings that change how a run executes, not what it computes: a run may resume with other values.
 RUNTIME_FIELDS = ("data_dir", "download", "workers", "device", "output_dir", "checkpoint_every", "knn_every",
-                  "log_every", "progress", "max_bad_steps")
+                  "log_every", "progress", "max_bad_steps", "requeue")
 
 # The network's learning rate per optimizer when none is given, each tuned on the digits. SGD: the Barlow Twins
 # gradient is large on the digits net (the loss starts near 300 for 512 dimensions), and larger rates pushed kNN
@@ -199,6 +200,12 @@ def _boolean(value):
     if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
         return value.lower() in ("true", "yes", "1", "on")
     raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _optional_boolean(value):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "null", "none")):
+        return None
+    return _boolean(value)
 
 
 def _text(*, optional: bool = False) -> Callable[[Any], Any]:
@@ -307,6 +314,9 @@ FIELD_SPECS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "progress": (_boolean, "progress bar (or lines) on stderr"),
     "max_bad_steps": (_number(int, minimum=1), "consecutive steps with a non-finite loss or gradient (each "
                                                "skipped without any update) after which the run stops"),
+    "requeue": (_optional_boolean, "after SIGUSR1 (SLURM's --signal=USR1@SECONDS before a time limit or "
+                                   "pre-emption) and the checkpoint, ask scontrol requeue $SLURM_JOB_ID; auto: when "
+                                   "SLURM_JOB_ID is set"),
 }
 assert set(FIELD_SPECS) == {f.name for f in fields(TrainConfig)}
 
@@ -396,6 +406,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         augment_on=config.augment_on or "device",
         workers=min(8, os.cpu_count() or 1) if config.workers is None else config.workers,
         knn_every=config.knn_every or max(1, config.epochs // 10),
+        requeue=bool(os.environ.get("SLURM_JOB_ID")) if config.requeue is None else config.requeue,
     )
 
 
@@ -420,6 +431,9 @@ def check(config: TrainConfig, where: Callable[[str], str]) -> None:
     if config.warmup_epochs >= config.epochs:
         raise ConfigError(f"{where('warmup_epochs')}: must be below --epochs {config.epochs}, got "
                           f"{config.warmup_epochs}")
+    if config.requeue and not os.environ.get("SLURM_JOB_ID"):
+        raise ConfigError(f"{where('requeue')}: SLURM_JOB_ID is not set; requeueing asks SLURM to requeue this job "
+                          "(scontrol requeue $SLURM_JOB_ID), so it needs a SLURM job")
     if config.dataset == "digits" and config.image_size not in (None, 16):
         raise ConfigError(f"{where('image_size')}: the digits are 16x16, got {config.image_size}")
 

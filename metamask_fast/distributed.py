@@ -23,8 +23,13 @@ ranks' gradients add up to ``world_size · ∇L``, and :func:`average_gradients`
 
 from __future__ import annotations
 
+import io
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +42,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "broadcast_module",
+    "broadcast_object",
     "convert_sync_batchnorm",
     "gather",
     "init_from_env",
@@ -125,13 +131,77 @@ def init_from_env(device: str, *, init_method: str | None = None) -> DistContext
     else:
         raise ValueError(f"device must be a cpu or cuda device for distributed training, got {device!r}")
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend, init_method=init_method or "env://", rank=rank, world_size=world_size, device_id=device_id
-        )
+        if init_method is None:
+            # env:// through a key namespace of this start of the group alone (see _fresh_namespace).
+            (store, _, _) = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=_TIMEOUT))
+            store = dist.PrefixStore(f"metamask_fast/{_fresh_namespace(store, rank, world_size)}/", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    device_id=device_id)
     return DistContext(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, is_distributed=True,
         device=device,
     )
+
+
+_TIMEOUT = timedelta(minutes=30)  # for the store and the start-up handshake: torch's default for Gloo
+
+
+def _fresh_namespace(store: dist.Store, rank: int, world_size: int) -> str:
+    """A name that every rank of this start of the group agrees on and that no earlier start used, for the keys
+    of the process group in ``store``.
+
+    torchrun (``--max-restarts``) keeps one store for all the starts of a group, and each start's process group
+    writes the same keys: the Gloo address of each rank among them. A rank of a restarted group could read the
+    address of a process of the killed start and fail at once (``connectFullMesh ... Connection refused``),
+    wasting a restart. TORCHELASTIC_RESTART_COUNT cannot name the start: it counts one agent's restarts, and on
+    another node a group restarted for a membership change keeps its count. So rank 0 draws a random token, and
+    every other rank draws a random nonce, posts it, and waits for the token under a key made of its own nonce,
+    which no earlier process can have written; rank 0 answers every nonce it sees posted (an earlier process's
+    too, harmlessly) until each rank has acknowledged the token under a key made of the token."""
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"metamask_fast/join/{rank}", nonce)
+        grant = f"metamask_fast/grant/{nonce}"
+        store.wait([grant], _TIMEOUT)
+        token = store.get(grant).decode()
+        store.set(f"metamask_fast/ack/{token}/{rank}", "1")
+        return token
+    token = uuid.uuid4().hex
+    pending = set(range(1, world_size))
+    deadline = time.monotonic() + _TIMEOUT.total_seconds()
+    while pending:
+        for other in sorted(pending):
+            join = f"metamask_fast/join/{other}"
+            if store.check([join]):
+                store.set(f"metamask_fast/grant/{store.get(join).decode()}", token)
+            if store.check([f"metamask_fast/ack/{token}/{other}"]):
+                pending.discard(other)
+        if pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(pending)} did not join within {_TIMEOUT}")
+            time.sleep(0.01)
+    return token
+
+
+def broadcast_object(obj: Any, device: str = "cpu") -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` elsewhere is ignored): saved with ``torch.save`` on rank 0, sent
+    as bytes (through ``device``, a CUDA device under NCCL) and loaded with ``torch.load(weights_only=True)``, so
+    it may hold what a checkpoint holds. ``obj`` itself when not distributed."""
+    if _world_size() == 1:
+        return obj
+    payload = b""
+    if dist.get_rank() == 0:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        payload = buffer.getvalue()
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if payload
+            else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(data, src=0)
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
 
 
 def shutdown() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from metamask_fast.models import MetaMaskModel
 from metamask_fast.runfolder import read_records, write_text
 
 __all__ = ["Report", "Progress", "tensorboard_writer", "mask_statistics", "run_summary", "print_summary",
-           "REFERENCE_LABELS", "knn_references_by_label"]
+           "REFERENCE_LABELS", "knn_references_by_label", "process_resources", "MEASURED_KEYS"]
 
 PROG = "metamask_fast.train"
 
@@ -64,6 +65,24 @@ def tensorboard_writer(folder: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(folder / "tensorboard"))
+
+
+# The values of an epoch's record that depend on the machine and the moment, not on what the run computes: a
+# resumed run's records equal an uninterrupted run's without them.
+MEASURED_KEYS = ("seconds", "images_per_second", "rss_mb", "open_files", "threads")
+
+
+def process_resources() -> dict[str, float | int]:
+    """This process's resident memory (MB), open file descriptors and threads, as ``/proc`` says (Linux; empty
+    elsewhere): an epoch's record holds them, so that growth over a long run shows."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        open_files = len(os.listdir("/proc/self/fd")) - 1  # less the one listing them
+        threads = len(os.listdir("/proc/self/task"))
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"rss_mb": round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1), "open_files": open_files,
+            "threads": threads}
 
 
 def mask_statistics(model: MetaMaskModel) -> dict[str, float]:

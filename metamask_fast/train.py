@@ -13,8 +13,10 @@ The run folder (``--output-dir``, by default ``runs/<dataset>-<method>-<hash of 
 ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one record per epoch), ``checkpoint.pt`` (written
 atomically every ``checkpoint_every`` steps and at every epoch's end), ``summary.json``, ``backbone.pt`` and
 ``mask.pt`` (plain state dicts) and PNG plots. Re-running the same command resumes from the checkpoint;
-``--resume PATH`` resumes from another one. SIGINT/SIGTERM finish the current step, write a checkpoint and
-exit (130/143). Under ``torchrun --nproc-per-node N -m metamask_fast.train`` the global batch is split over
+``--resume PATH`` resumes from another one. SIGINT, SIGTERM and SIGUSR1 on any process finish the current step
+(all processes stop at the same one), write a checkpoint and exit (130, 143, 138); after SIGUSR1 under SLURM
+(``--requeue``, by default when SLURM_JOB_ID is set) the job asks ``scontrol requeue $SLURM_JOB_ID`` once the
+checkpoint is on disk. Under ``torchrun --nproc-per-node N -m metamask_fast.train`` the global batch is split over
 the processes and the losses see the gathered embeddings (:mod:`metamask_fast.distributed`).
 
 ``--method barlowtwins`` and ``--method simclr`` train the same network on one loss alone, with the mask
@@ -44,7 +46,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -57,7 +61,7 @@ from metamask_fast import config as cfg
 from metamask_fast import distributed as mmdist
 from metamask_fast.config import ConfigError, TrainConfig
 from metamask_fast.data import DatasetError
-from metamask_fast.data.pipeline import Data, load_data
+from metamask_fast.data.pipeline import Data, load_data, loader_failure
 from metamask_fast.evaluate import (batch_correlation, dimension_analysis, knn_accuracy, knn_features, knn_metric,
                                     knn_references)
 from metamask_fast.info import engine as engine_record
@@ -65,7 +69,8 @@ from metamask_fast.info import engine_line
 from metamask_fast.meta import MetaMaskStep, SingleLossStep
 from metamask_fast.models import MetaMaskModel, build_model
 from metamask_fast.optim import LARS
-from metamask_fast.reporting import Report, knn_references_by_label, mask_statistics, print_summary, run_summary
+from metamask_fast.reporting import (Report, knn_references_by_label, mask_statistics, print_summary, process_resources,
+                                     run_summary)
 from metamask_fast.runfolder import (
     CHECKPOINT,
     RunState,
@@ -90,7 +95,7 @@ class RunStopped(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run stopped after a step and wrote a checkpoint."""
+    """SIGINT, SIGTERM or SIGUSR1 arrived (on any process); the run stopped after a step and wrote a checkpoint."""
 
     def __init__(self, signum: int, step: int):
         super().__init__(signum, step)
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         name, (_, help_text) = field.name, cfg.FIELD_SPECS[field.name]
         default = getattr(defaults, name)
         shown = "auto" if default is None else (",".join(map(str, default)) if isinstance(default, tuple) else default)
-        if field.type == "bool":
+        if field.type in ("bool", "bool | None"):
             parser.add_argument(cfg.flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default {shown})")
         else:
@@ -296,10 +301,12 @@ class Run:
         mmdist.barrier()
 
     def stop_if_requested(self, stopper: _Stopper) -> None:
-        """After a signal on any process: a checkpoint, then :class:`Interrupted` (all at the same step)."""
-        if _stop_requested(stopper, self.ctx):
+        """After a signal on any process: a checkpoint, then :class:`Interrupted` (all at the same step, naming
+        the same signal)."""
+        signum = _stop_requested(stopper, self.ctx)
+        if signum is not None:
             self.save_checkpoint()
-            raise Interrupted(stopper.signum or signal.SIGTERM, self.state.step)
+            raise Interrupted(signum, self.state.step)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -421,6 +428,7 @@ def epoch_record(run: Run, rates: dict[str, float], epoch_started: float, first_
     ran = (run.data.batches.batches_per_epoch - first_batch) * config.batch_size
     record["images_per_second"] = ran / seconds if seconds > 0 and ran else None
     record["seconds"] = run.training_seconds()
+    record.update(process_resources())
     return record
 
 
@@ -494,6 +502,25 @@ def _dimension_analysis(run: Run, device: torch.device) -> dict | None:
     return dimension_analysis(*features, model.mask().detach(), k=config.knn_k, temperature=config.knn_temperature)
 
 
+def agreed_start(config: TrainConfig, resume: str | None, origin, ctx: mmdist.DistContext) -> tuple[Path, dict | None]:
+    """:func:`~metamask_fast.runfolder.prepare_run_folder` on rank 0 alone, its outcome (the folder, the checkpoint
+    to continue from, or the refusal) sent to every rank: the ranks of a group cannot start from different
+    checkpoints, even where another node's view of the folder lags (a network file system) or lacks it."""
+    if not ctx.is_distributed:
+        return prepare_run_folder(config, resume, origin)
+    outcome = None
+    if ctx.is_main:
+        try:
+            folder, checkpoint = prepare_run_folder(config, resume, origin)
+            outcome = {"folder": str(folder), "checkpoint": checkpoint}
+        except ConfigError as error:
+            outcome = {"error": str(error)}
+    outcome = mmdist.broadcast_object(outcome, ctx.device)
+    if "error" in outcome:
+        raise ConfigError(outcome["error"])
+    return Path(outcome["folder"]), outcome["checkpoint"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     ctx = None
@@ -511,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device(config.device)
         if config.dataset == "digits" or config.workers == 0:
             torch.set_num_threads(max(1, torch.get_num_threads() // ctx.world_size))
-        folder, checkpoint = prepare_run_folder(config, resume, origin)
+        folder, checkpoint = agreed_start(config, resume, origin, ctx)
         config = dataclasses.replace(config, output_dir=str(folder))
         if checkpoint is not None and checkpoint.get("finished"):
             print(f"{PROG}: the run in {checkpoint['source_folder']} already finished ({config.epochs} epochs); "
@@ -525,8 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: data: {data.batches.describe()}", flush=True)
             print(cfg.to_yaml(config), end="")
             if checkpoint is not None:
+                restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if ctx.is_distributed else "0"
                 print(f"{PROG}: resuming from {folder / CHECKPOINT} at epoch {checkpoint['epoch'] + 1}, "
-                      f"step {checkpoint['step']}")
+                      f"step {checkpoint['step']}{f' (torchrun restart {restart})' if restart != '0' else ''}")
         mmdist.barrier()
         summary = train(config, data, folder, checkpoint, ctx, started, engine)
     except ConfigError as error:
@@ -544,9 +572,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except Interrupted as stop:
         name = signal.Signals(stop.signum).name
+        then = "run the same command to resume"
+        if stop.signum == signal.SIGUSR1 and config.requeue and ctx.is_main:
+            then = _requeue(os.environ["SLURM_JOB_ID"])
         print(f"{PROG}: stopped by {name} after step {stop.step}; checkpoint written to "
-              f"{Path(config.output_dir) / CHECKPOINT}; run the same command to resume", file=sys.stderr)
+              f"{Path(config.output_dir) / CHECKPOINT}; {then}", file=sys.stderr)
         return 128 + stop.signum
+    except Exception as error:  # last: the errors above are Exceptions too
+        cause = loader_failure(error)
+        if cause is None:
+            raise
+        print(f"{PROG}: error: a data loader process failed ({cause}); the last checkpoint in {config.output_dir} "
+              "is intact; run the same command to resume", file=sys.stderr)
+        return 1
     finally:
         mmdist.shutdown()
     if ctx.is_main:
@@ -557,23 +595,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------- signals and divergence
 
 
+# The signals that stop a run after its current step, in the order in which one names the stop when several
+# arrived: Ctrl-C, SIGTERM (scancel, a time limit, torchrun stopping its workers), SIGUSR1 (SLURM's warning before
+# a time limit or pre-emption, with --signal=USR1@SECONDS), the one signal that requeues the job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class _Stopper:
-    """Turns SIGINT/SIGTERM into a flag the loop reads between steps (a step is never cut in half)."""
+    """Turns the :data:`STOP_SIGNALS` into flags the loop reads between steps (a step is never cut in half)."""
 
     def __init__(self):
-        self.signum = None
+        self.received: set[int] = set()
         self._previous = {}
+
+    @property
+    def signum(self) -> int | None:
+        return next((s for s in STOP_SIGNALS if s in self.received), None)
 
     def __enter__(self):
         if threading_is_main():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+        if signal.SIGINT in self.received and signum == signal.SIGINT:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.signum = signum
+        self.received.add(signum)
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -606,14 +654,29 @@ def _has_diverged(model: MetaMaskModel, images: torch.Tensor) -> bool:
         return not all(torch.isfinite(z).all() for z in model(images))
 
 
-def _stop_requested(stopper: _Stopper, ctx: mmdist.DistContext) -> bool:
-    """Whether any process got a signal (all processes stop at the same step)."""
-    requested = stopper.signum is not None
+def _stop_requested(stopper: _Stopper, ctx: mmdist.DistContext) -> int | None:
+    """The signal that stops the run, when any process got one of :data:`STOP_SIGNALS` (every process stops at
+    the same step and names the same signal), else None."""
     if not ctx.is_distributed:
-        return requested
-    flag = torch.tensor([float(requested)], device=ctx.device if ctx.device.startswith("cuda") else "cpu")
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
+        return stopper.signum
+    flags = torch.tensor([float(s in stopper.received) for s in STOP_SIGNALS],
+                         device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return next((s for s, flag in zip(STOP_SIGNALS, flags.tolist()) if flag), None)
+
+
+def _requeue(job: str) -> str:
+    """Ask SLURM to requeue job ``job`` (its checkpoint is on disk); what happens next, for the stop's line."""
+    command = ["scontrol", "requeue", job]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        said = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        failure = None if result.returncode == 0 else (said[-1] if said else f"exit code {result.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        failure = last_line(error)
+    if failure is None:
+        return f"asked SLURM to requeue job {job} ({' '.join(command)}); the requeued job resumes from it"
+    return f"{' '.join(command)} failed ({failure}); requeue the job or run the same command to resume"
 
 
 if __name__ == "__main__":

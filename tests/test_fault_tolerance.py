@@ -22,7 +22,7 @@ from PIL import Image
 from metamask_fast import runfolder
 from metamask_fast.train import main
 
-from interrupts import interrupt_at
+from interrupts import checkpoint_past, interrupt_at, wait_for
 
 # 2 epochs of 5 steps on the digits, a checkpoint after every step.
 ARGS = ["--epochs", "2", "--batch-size", "256", "--checkpoint-every", "1", "--knn-every", "1", "--meta-interval", "2",
@@ -111,23 +111,25 @@ def test_a_write_cut_short_by_a_kill_leaves_the_previous_checkpoint(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(".checkpoint.pt.tmp-")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_write_a_checkpoint_and_exit_with_a_message(tmp_path, uninterrupted, signum):
+def test_sigterm_sigint_and_sigusr1_write_a_checkpoint_and_exit_with_a_message(tmp_path, uninterrupted):
+    """SIGTERM, then SIGINT, then SIGUSR1 (no SLURM job here: nothing is requeued), each once a newer checkpoint is
+    on disk: each stop exits with 128 + the signal and one line naming the checkpoint's step; the same command then
+    finishes bitwise as the uninterrupted run."""
     folder = tmp_path / "run"
-    process = subprocess.Popen(command(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (folder / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=300)
-    if process.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")  # not expected: 10 steps take seconds
-    assert process.returncode == 128 + signum, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name} after step" in lines[0], stderr
-    assert "run the same command to resume" in lines[0]
-    step = torch.load(folder / "checkpoint.pt", weights_only=True)["step"]
-    assert f"after step {step};" in lines[0]
+    step = 0
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        process = subprocess.Popen(command(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"})
+        assert wait_for(checkpoint_past(folder, step), process, timeout=120)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 128 + signum, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name} after step" in lines[0], stderr
+        assert "run the same command to resume" in lines[0]
+        stopped_at = torch.load(folder / "checkpoint.pt", weights_only=True)["step"]
+        assert f"after step {stopped_at};" in lines[0] and stopped_at > step
+        step = stopped_at
     result = subprocess.run(command(folder), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert_bitwise_equal(final_state(folder), final_state(uninterrupted))

@@ -9,6 +9,7 @@ import torch
 
 from metamask_fast import config as cfg
 from metamask_fast.optim import LARS
+from metamask_fast.reporting import MEASURED_KEYS
 from metamask_fast.train import WarmupCosine, main, parse_config
 
 from interrupts import interrupt_at
@@ -81,7 +82,7 @@ def test_an_interrupted_lars_warm_up_run_resumes_bitwise(tmp_path, monkeypatch, 
         assert torch.equal(tensor, resumed["model"][name]), name
     for key in ("net_optimizer", "mask_optimizer", "schedulers"):
         assert json.dumps(_plain(whole[key])) == json.dumps(_plain(resumed[key])), key
-    drop = ("seconds", "images_per_second")
+    drop = MEASURED_KEYS
     assert [{k: v for k, v in r.items() if k not in drop} for r in records] == [
         {k: v for k, v in r.items() if k not in drop} for r in whole_records]
 

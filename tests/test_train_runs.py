@@ -183,7 +183,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def comparable_records(folder: Path) -> list[dict]:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+    return [{k: v for k, v in r.items() if k not in reporting.MEASURED_KEYS} for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from metamask_fast.data.batch_augment import BatchTwoViews
 from metamask_fast.data.digits import DigitsSplit, load_digits_split
 from metamask_fast.data.formats import DatasetError, ImageSet, load_images, pil_image
 
-__all__ = ["mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
+__all__ = ["LoaderFailed", "loader_failure", "mix", "epoch_order", "EpochBatchSampler", "readable_image", "SeededTwoViews", "UNREADABLE",
            "LabeledImages", "DigitsBatches", "ImageBatches", "DecodedImages", "DeviceBatches", "evaluation_loader",
            "shuffled_batches", "Data", "load_data"]
 
@@ -223,6 +223,44 @@ def _sampled_loader(dataset, sampler: EpochBatchSampler, workers: int, device: t
                                        prefetch_factor=4 if workers > 0 else None)
 
 
+class LoaderFailed(RuntimeError):
+    """A loader process died or raised (beyond the unreadable images :func:`readable_image` skips); ``str()``
+    names the cause."""
+
+
+def loader_failure(error: BaseException) -> str | None:
+    """The cause, when ``error`` is a loader process's failure: :class:`LoaderFailed`, or the error that
+    PyTorch's DataLoader raises in the main process when a worker dies (from its SIGCHLD handler, at any point
+    of the step) or raises (re-raised as the worker's type, its message naming the worker); else None."""
+    if isinstance(error, DatasetError):  # an unreadable dataset, not a failed process
+        return None
+    text = str(error)
+    if isinstance(error, LoaderFailed) or "DataLoader worker" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else type(error).__name__
+    return None
+
+
+def _loader_batches(loader) -> Iterator:
+    """The batches of ``loader``; a worker that dies or raises is :class:`LoaderFailed` (the message keeps the
+    worker's own last line: ``ValueError: ...``; DataLoader's re-raise drops nothing else we need)."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except DatasetError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever a worker raised, or its death
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            cause = lines[-1] if lines else type(error).__name__
+            if not cause.startswith(type(error).__name__) and "DataLoader worker" not in cause:
+                cause = f"{type(error).__name__}: {cause}"
+            raise LoaderFailed(cause) from error
+        yield batch
+
+
 def _processes(workers: int) -> str:
     return f"{workers} loader process{'es' if workers != 1 else ''}" if workers else "the main process"
 
@@ -240,7 +278,7 @@ class ImageBatches(_SampledBatches):
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
-        for x0, x1 in self.loader:
+        for x0, x1 in _loader_batches(self.loader):
             yield x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
 
     def describe(self) -> str:
@@ -300,7 +338,7 @@ class DeviceBatches(_SampledBatches):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
         if self.loader is not None:
-            for images, keys in self.loader:
+            for images, keys in _loader_batches(self.loader):
                 yield self.augment(images.to(self.device, non_blocking=True), keys)
             return
         for batch in self.sampler:
