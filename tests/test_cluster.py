@@ -197,8 +197,9 @@ def assert_one_line_loader_error(stderr: str, cause: str, folder: Path) -> None:
 
 
 def test_a_loader_process_that_dies_or_raises_ends_the_run_with_one_line_and_the_rerun_is_bitwise(tmp_path):
-    """Views made by two PIL loader processes on a CIFAR-format folder. One loader process SIGKILLed once the first
-    checkpoint is on disk; then, from there, a MemoryError in a loader process in epoch 2 (an error in decoding that
+    """Views made by two PIL loader processes on a CIFAR-format folder (the PIL path, seeded per sample). First
+    SIGTERM in epoch 1, which stops the run cleanly. Then one loader process SIGKILLed once a newer checkpoint is
+    on disk; then, from there, a MemoryError in a loader process in epoch 2 (an error in decoding that
     is not an unreadable image, which would be skipped; injected into the real command's ``__main__``). Each ends
     the run with exit code 1 and one line naming the cause, the checkpoint before it intact; the same command then
     finishes bitwise as an uninterrupted run. (Barlow Twins alone: the loader is the same, the steps cheaper.)"""
@@ -211,11 +212,24 @@ def test_a_loader_process_that_dies_or_raises_ends_the_run_with_one_line_and_the
     result = subprocess.run([sys.executable, "-m", "metamask_fast.train", *arguments, "--output-dir", str(whole)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "data: 40 training images, both views made by PIL in 2 loader processes" in result.stdout
     argv = [sys.executable, "-m", "metamask_fast.train", *arguments, "--output-dir", str(folder)]
 
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: (folder / "checkpoint.pt").exists(), process)
+        assert wait_for(checkpoint_past(folder, 0), process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    stopped = torch.load(folder / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= stopped < 9 and f"stopped by SIGTERM after step {stopped};" in stderr
+
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(checkpoint_past(folder, stopped), process)
         workers = wait_for(lambda: children(process.pid), process)
         os.kill(workers[0], signal.SIGKILL)
         _, stderr = process.communicate(timeout=300)
@@ -224,7 +238,7 @@ def test_a_loader_process_that_dies_or_raises_ends_the_run_with_one_line_and_the
             process.kill()
     assert process.returncode == 1, stderr
     assert_one_line_loader_error(stderr, f"DataLoader worker (pid {workers[0]}) is killed by signal: Killed", folder)
-    assert 1 <= torch.load(folder / "checkpoint.pt", weights_only=True)["step"] < 10
+    assert stopped < torch.load(folder / "checkpoint.pt", weights_only=True)["step"] < 10
 
     script = (
         "import sys\n"
@@ -245,7 +259,7 @@ def test_a_loader_process_that_dies_or_raises_ends_the_run_with_one_line_and_the
     assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (1, 0, 5)  # epoch 1's end
 
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr
     assert_bitwise_equal(final_state(folder), final_state(whole))
     assert records(folder) == records(whole) and [r["epoch"] for r in records(folder)] == [1, 2]
 
