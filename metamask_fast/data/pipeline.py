@@ -234,11 +234,15 @@ def loader_failure(error: BaseException) -> str | None:
     of the step) or raises (re-raised as the worker's type, its message naming the worker); else None."""
     if isinstance(error, DatasetError):  # an unreadable dataset, not a failed process
         return None
-    text = str(error)
-    if isinstance(error, LoaderFailed) or "DataLoader worker" in text:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[-1] if lines else type(error).__name__
-    return None
+    if isinstance(error, LoaderFailed):
+        return str(error)
+    return _last_line(error) if "DataLoader worker" in str(error) else None
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of ``error``'s message: for a worker's error re-raised by DataLoader, the worker's own."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _loader_batches(loader) -> Iterator:
@@ -253,8 +257,7 @@ def _loader_batches(loader) -> Iterator:
         except DatasetError:
             raise
         except Exception as error:  # noqa: BLE001 - whatever a worker raised, or its death
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            cause = lines[-1] if lines else type(error).__name__
+            cause = _last_line(error)
             if not cause.startswith(type(error).__name__) and "DataLoader worker" not in cause:
                 cause = f"{type(error).__name__}: {cause}"
             raise LoaderFailed(cause) from error
